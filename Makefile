@@ -1,0 +1,37 @@
+# Two entry points that work on a fresh machine:
+#   make demo   set up .venv and run the whole pipeline on the embedded synthetic phantom
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= 2
+BIN := $(VENV)/bin
+# On machines without CUDA the pinned CPU build of torch is installed first; a bare `torch`
+# requirement would pull a multi-GB CUDA build. Set TORCH_SPEC to override.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+
+.PHONY: setup demo test test-fast test-slow brats18 clean
+
+$(BIN)/cldf: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/cldf
+
+demo: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES)
+	@echo; echo "Comparison table: results/synthetic/metrics.csv"; cat results/synthetic/metrics.csv
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+test-slow: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m slow --run-slow
+
+brats18: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) results/brats18_shared/metrics.csv
+
+clean:
+	rm -rf results .snakemake

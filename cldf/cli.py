@@ -1,0 +1,273 @@
+"""`cldf <step> …`: one subcommand per pipeline step; what the Snakemake rules call.
+
+Every step receives exactly the settings it depends on as JSON (``--settings``), so the workflow's
+parameter rerun trigger re-runs a step only when its own settings change. Expected failures (bad
+input data, bad config, missing or incomplete artifacts) end with one line ``cldf <step>: error: …``
+and exit status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+LOG = logging.getLogger("cldf")
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text[:80]!r}") from err
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()] if text else []
+
+
+def _device(args: argparse.Namespace):
+    from cldf.config import resolve_device
+
+    return resolve_device(args.device)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def cmd_phantom(args: argparse.Namespace) -> None:
+    from cldf.data.phantom import generate_phantom
+
+    ds = args.dataset
+    ph = ds["phantom"]
+    generate_phantom(ds["root"], ph["n_cases"], ph["shape"], ph["seed"], tuple(ds["modalities"]))
+    Path(args.manifest).write_text(json.dumps({"root": ds["root"], **ph}, indent=2) + "\n")
+
+
+def cmd_slices_shard(args: argparse.Namespace) -> None:
+    from cldf.data.slices import build_shard
+    from cldf.io.layouts import list_cases
+
+    all_cases = list_cases(args.dataset)
+    build_shard(args.dataset, [all_cases[i] for i in args.cases], all_cases, args.out)
+
+
+def cmd_slices_gather(args: argparse.Namespace) -> None:
+    from cldf.data.slices import gather
+
+    gather(args.shards, args.out, args.manifest)
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from cldf.models.train import train_model
+
+    train_model(args.kind, args.slices, args.settings, Path(args.out), _device(args), args.seed)
+
+
+def cmd_samples(args: argparse.Namespace) -> None:
+    from cldf.models.sample import save_sample_grid
+
+    stats = save_sample_grid(args.cdm, args.out, args.n_per_class, _device(args), args.seed)
+    LOG.info("sample statistics: %s", stats)
+
+
+def cmd_predict_fsl(args: argparse.Namespace) -> None:
+    from cldf.models.predict import predict_fsl
+
+    predict_fsl(args.slices, args.model, args.out, _device(args))
+
+
+# --- maps ---------------------------------------------------------------------------------------
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    from cldf.maps.run import run_features
+    from cldf.models.builders import build_scheduler
+    from cldf.models.checkpoint import load_model
+
+    device = _device(args)
+    cdm = load_model(args.cdm, device)
+    run_features(args.slices, cdm, build_scheduler(), args.settings, args.cases, args.out, device, args.seed)
+
+
+def cmd_gradient(args: argparse.Namespace) -> None:
+    from cldf.maps.run import run_gradient
+    from cldf.models.builders import build_scheduler
+    from cldf.models.checkpoint import load_model
+
+    device = _device(args)
+    clf = load_model(args.classifier, device)
+    run_gradient(args.slices, clf, build_scheduler(), args.settings, args.cases, args.out, device, args.seed)
+
+
+def cmd_cam(args: argparse.Namespace) -> None:
+    from cldf.maps.run import run_cam
+    from cldf.models.checkpoint import load_model
+
+    device = _device(args)
+    model = load_model(args.classifier, device)
+    run_cam(args.slices, model, args.method, args.settings, args.cases, args.out, device)
+
+
+def cmd_saliency(args: argparse.Namespace) -> None:
+    from cldf.maps.run import run_saliency
+    from cldf.models.builders import build_scheduler
+    from cldf.models.checkpoint import load_model
+
+    device = _device(args)
+    cdm = load_model(args.cdm, device)
+    run_saliency(args.slices, cdm, build_scheduler(), args.settings, args.cases, args.out, device, args.seed)
+
+
+def cmd_gather(args: argparse.Namespace) -> None:
+    from cldf.store import gather_stores
+
+    gather_stores(args.shards, args.out)
+
+
+# --- segmentation -------------------------------------------------------------------------------
+
+
+def cmd_decoder(args: argparse.Namespace) -> None:
+    from cldf.segment.train import train_decoder
+
+    stats = train_decoder(
+        args.slices, args.features, args.cam, args.mg, args.settings, Path(args.out), _device(args), args.seed
+    )
+    LOG.info("decoder training: %s", stats)
+
+
+def cmd_segment(args: argparse.Namespace) -> None:
+    from cldf.segment.cluster import run_segmentation
+
+    run_segmentation(
+        args.slices, args.features, args.decoder, args.cam, args.settings, args.cases, ["test"], args.out,
+        _device(args), args.seed,
+    )
+
+
+def cmd_baseline(args: argparse.Namespace) -> None:
+    from cldf.segment.baselines import run_threshold_baseline
+    from cldf.store import SliceStore
+
+    test_ids = SliceStore(args.slices).indices(split="test")
+    run_threshold_baseline(args.slices, args.map, args.out, slice_ids=test_ids, probs_path=args.probs)
+
+
+def cmd_nifti(args: argparse.Namespace) -> None:
+    from cldf.segment.export import write_case_masks
+
+    write_case_masks(args.slices, args.masks, args.out)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def cmd_metrics(args: argparse.Namespace) -> None:
+    from cldf.evaluate.table import evaluate_methods
+
+    evaluate_methods(args.slices, args.methods, args.out, args.per_slice)
+
+
+def cmd_figure(args: argparse.Namespace) -> None:
+    from cldf.evaluate.figures import figure_grid
+
+    figure_grid(args.slices, args.panels, args.out)
+
+
+Command = tuple[Callable[[argparse.Namespace], None], list[tuple[tuple[str, ...], dict[str, Any]]]]
+
+_SLICES = (("--slices",), {"required": True, "help": "slices.zarr"})
+_OUT = (("--out",), {"required": True})
+_SETTINGS = (("--settings",), {"type": _json, "required": True, "help": "step settings as JSON"})
+_CASES = (("--cases",), {"type": _ints, "default": "", "help": "comma-separated case indices of the shard"})
+
+COMMANDS: dict[str, tuple[str, Command]] = {
+    "phantom": ("generate the synthetic BraTS-layout phantom", (cmd_phantom, [
+        (("--dataset",), {"type": _json, "required": True}), (("--manifest",), {"required": True})])),
+    "slices-shard": ("NIfTI cases of one shard → slice store", (cmd_slices_shard, [
+        (("--dataset",), {"type": _json, "required": True}), _CASES, _OUT])),
+    "slices-gather": ("gather slice shards → slices.zarr + manifest CSV", (cmd_slices_gather, [
+        (("--shards",), {"nargs": "+", "required": True}), _OUT, (("--manifest",), {"required": True})])),
+    "train": ("train one model (cdm, noisy_classifier, cam_classifier, fsl_unet)", (cmd_train, [
+        (("--kind",), {"required": True, "choices": ["cdm", "noisy_classifier", "cam_classifier", "fsl_unet"]}),
+        _SLICES, _SETTINGS, _OUT])),
+    "samples": ("class-conditional CDM samples as a PNG grid", (cmd_samples, [
+        (("--cdm",), {"required": True}), (("--n-per-class",), {"type": int, "default": 8}), _OUT])),
+    "predict-fsl": ("masks of the fully supervised UNet on the test split", (cmd_predict_fsl, [
+        _SLICES, (("--model",), {"required": True}), _OUT])),
+    "features": ("diffusion features of one shard", (cmd_features, [
+        _SLICES, (("--cdm",), {"required": True}), _SETTINGS, _CASES, _OUT])),
+    "gradient": ("mean-gradient maps of one shard", (cmd_gradient, [
+        _SLICES, (("--classifier",), {"required": True}), _SETTINGS, _CASES, _OUT])),
+    "cam": ("CAMs of one shard", (cmd_cam, [
+        _SLICES, (("--classifier",), {"required": True}), (("--method",), {"required": True}), _SETTINGS,
+        _CASES, _OUT])),
+    "saliency": ("CDM saliency baseline maps of one shard", (cmd_saliency, [
+        _SLICES, (("--cdm",), {"required": True}), _SETTINGS, _CASES, _OUT])),
+    "gather": ("gather row-aligned shard stores", (cmd_gather, [
+        (("--shards",), {"nargs": "+", "required": True}), _OUT])),
+    "decoder": ("train the contrastive pixel decoder", (cmd_decoder, [
+        _SLICES, (("--features",), {"required": True}), (("--cam",), {"required": True}),
+        (("--mg",), {"required": True}), _SETTINGS, _OUT])),
+    "segment": ("K-means masks of the test slices of one shard", (cmd_segment, [
+        _SLICES, (("--features",), {"required": True}), (("--decoder",), {"required": True}),
+        (("--cam",), {"required": True}), _SETTINGS, _CASES, _OUT])),
+    "baseline": ("threshold a map store into test masks", (cmd_baseline, [
+        _SLICES, (("--map",), {"required": True}), (("--probs",), {"default": None}), _OUT])),
+    "nifti": ("write masks back as NIfTI in each case's original geometry", (cmd_nifti, [
+        _SLICES, (("--masks",), {"required": True}), _OUT])),
+    "metrics": ("the comparison table", (cmd_metrics, [
+        _SLICES, (("--methods",), {"type": _json, "required": True}), _OUT,
+        (("--per-slice",), {"required": True})])),
+    "figure": ("the qualitative figure", (cmd_figure, [
+        _SLICES, (("--panels",), {"type": _json, "required": True}), _OUT])),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cldf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
+    for name, (help_text, (func, options)) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        for flags, kwargs in options:
+            p.add_argument(*flags, **kwargs)
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: all)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from cldf.config import ConfigError
+    from cldf.io.errors import DataError
+    from cldf.models.checkpoint import CheckpointError
+    from cldf.store import StoreError
+
+    return (ConfigError, DataError, StoreError, CheckpointError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        args.func(args)
+    except _expected_errors() as err:
+        print(f"cldf {args.step}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

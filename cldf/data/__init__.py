@@ -1,0 +1,1 @@
+"""Slicing, normalisation, image-level labels, case splits, inverse geometry and the synthetic phantom."""

@@ -1,0 +1,161 @@
+"""Class activation maps (step 6) of the CAM classifier, always for the positive class (index 1).
+
+Activations are captured with forward hooks whose handles are removed after every call, and gradients
+are taken with ``torch.autograd.grad`` with respect to those activations only, so no hook is left on the
+model and no parameter accumulates a gradient. (MONAI's ``ModelWithHooks`` registers hooks it never
+removes and back-propagates into the parameters, which is why it is not used here.)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cldf.maps.common import named_layers, normalise_per_slice
+
+METHODS = ("gradcam", "gradcampp", "layercam", "scorecam")
+POSITIVE = 1
+SCORECAM_CHUNK = 128
+BACKGROUND_VALUE = -1.0
+
+
+@contextmanager
+def capture_activations(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Context in which each forward of ``model`` stores the outputs of ``layers`` in the yielded dict."""
+    acts: dict[str, torch.Tensor] = {}
+
+    def hook(name: str):
+        def _store(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            acts[name] = output
+
+        return _store
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in zip(layers, named_layers(model, layers))]
+    try:
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear upsampling of (B, h, w) maps to (B, H, W)."""
+    return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+
+
+def _forward_with_grads(
+    model: nn.Module, images: torch.Tensor, layers: Sequence[str]
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Logits (B, K), activations and gradients of the positive logit for each layer (B, C_k, h_k, w_k).
+
+    The input is made to require grad so that the graph exists even when every parameter is frozen.
+    """
+    with torch.enable_grad(), capture_activations(model, layers) as acts:
+        logits = model(images.detach().requires_grad_(True))
+        feats = [acts[n] for n in layers]
+        grads = torch.autograd.grad(logits[:, POSITIVE].sum(), feats)
+    return logits.detach(), [a.detach() for a in feats], [g.detach() for g in grads]
+
+
+def _gradcam(acti: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM (Selvaraju et al. 2017): ReLU(sum_c mean_hw(grad_c) * A_c); (B, C, h, w) -> (B, h, w)."""
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    return F.relu((weights * acti).sum(dim=1))
+
+
+def _gradcampp(acti: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhyay et al. 2018) with the exponential score; (B, C, h, w) -> (B, h, w).
+
+    With S = exp(logit), alpha = g^2 / (2 g^2 + sum_hw A g^3) and the channel weight is
+    sum_hw alpha * ReLU(exp(logit) g). The factor exp(logit) is one positive number per slice and
+    cancels in the per-slice normalisation, so it is left out (it overflows for large logits).
+    """
+    g2 = grad.pow(2)
+    denom = 2 * g2 + (acti * grad.pow(3)).sum(dim=(2, 3), keepdim=True)
+    denom = torch.where(denom != 0, denom, torch.ones_like(denom))
+    alpha = g2 / denom
+    weights = (alpha * F.relu(grad)).sum(dim=(2, 3), keepdim=True)
+    return F.relu((weights * acti).sum(dim=1))
+
+
+def _layercam(acti: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """LayerCAM (Jiang et al. 2021): ReLU(sum_c ReLU(grad_c) * A_c); (B, C, h, w) -> (B, h, w)."""
+    return F.relu((F.relu(grad) * acti).sum(dim=1))
+
+
+def _scorecam(model: nn.Module, images: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score-CAM (Wang et al. 2020) at ``layer``: returns raw maps (B, H, W) and logits (B, K).
+
+    Each activation channel, upsampled to H x W and min-max normalised, masks the input (towards the
+    background value -1 of images in [-1, 1]); the positive-class softmax score of the masked input is the
+    channel's weight. Masked forwards run in chunks of ``SCORECAM_CHUNK`` images.
+    """
+    size = images.shape[2:]
+    with torch.inference_mode():
+        with capture_activations(model, [layer]) as acts:
+            logits = model(images)
+        acti = acts[layer].float()
+        b, c = acti.shape[:2]
+        masks = _upsample(acti.reshape(b * c, *acti.shape[2:]), size)
+        masks = normalise_per_slice(masks).reshape(b, c, *size)
+        weights = torch.empty(b, c, device=images.device)
+        for i in range(b):
+            masked = BACKGROUND_VALUE + (images[i : i + 1] - BACKGROUND_VALUE) * masks[i].unsqueeze(1)
+            scores = [
+                F.softmax(model(masked[s : s + SCORECAM_CHUNK]).float(), dim=1)[:, POSITIVE]
+                for s in range(0, c, SCORECAM_CHUNK)
+            ]
+            weights[i] = torch.cat(scores)
+        maps = F.relu((weights[:, :, None, None] * acti).sum(dim=1))
+    return _upsample(maps, size), logits.float()
+
+
+def cam_with_probs(
+    method: str, model: nn.Module, images: torch.Tensor, target_layers: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAM of the positive class and the model's positive-class probability.
+
+    Parameters
+    ----------
+    method
+        ``gradcam`` | ``gradcampp`` | ``layercam`` | ``scorecam``.
+    model
+        CAM classifier, ``model(images) -> logits (B, 2)``.
+    images
+        float32 (B, C, H, W) in [-1, 1].
+    target_layers
+        Module names. ``layercam`` computes a map per layer (each upsampled and normalised) and fuses them by
+        element-wise maximum; the other methods use exactly one layer.
+
+    Returns
+    -------
+    maps float32 (B, H, W) in [0, 1] (per-slice min-max) and probabilities float32 (B,).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; expected one of {METHODS}")
+    layers = list(target_layers)
+    if not layers or (method != "layercam" and len(layers) != 1):
+        raise ValueError(f"{method} needs exactly one target layer (layercam: one or more), got {layers}")
+    size = images.shape[2:]
+    if method == "scorecam":
+        raw, logits = _scorecam(model, images, layers[0])
+        maps = normalise_per_slice(raw)
+    else:
+        logits, acts, grads = _forward_with_grads(model, images, layers)
+        if method == "layercam":
+            per_layer = [normalise_per_slice(_upsample(_layercam(a.float(), g.float()), size)) for a, g in zip(acts, grads)]
+            maps = torch.stack(per_layer).amax(dim=0)
+        else:
+            cam = _gradcam if method == "gradcam" else _gradcampp
+            maps = normalise_per_slice(_upsample(cam(acts[0].float(), grads[0].float()), size))
+    probs = F.softmax(logits.float(), dim=1)[:, POSITIVE]
+    return maps, probs
+
+
+def compute_cam(method: str, model: nn.Module, images: torch.Tensor, target_layers: Sequence[str]) -> torch.Tensor:
+    """CAM of the positive class: float32 (B, H, W) in [0, 1]; see :func:`cam_with_probs`."""
+    return cam_with_probs(method, model, images, target_layers)[0]

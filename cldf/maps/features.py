@@ -1,0 +1,69 @@
+"""Diffusion features (step 4): decoder activations of the frozen CDM, averaged over noise levels."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from cldf.maps.common import named_layers, noised_batch
+
+
+def extract_features(
+    cdm: nn.Module,
+    scheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    timesteps: Sequence[int],
+    layers: Sequence[str],
+    noise: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Activations of the CDM decoder layers ``layers``, averaged over ``timesteps``.
+
+    For every t, ``x_t = add_noise(images, noise[i], t)``; all timesteps go through the CDM in one
+    forward pass of batch T*B, conditioned on ``labels``.
+
+    Parameters
+    ----------
+    cdm
+        Class-conditional DiffusionModelUNet, called ``cdm(x_t, timesteps=t, class_labels=y)``.
+    scheduler
+        DDPM scheduler providing ``add_noise``.
+    images
+        float32 (B, C, H, W) in [-1, 1].
+    labels
+        long (B,) class labels used for conditioning (0 negative, 1 positive, 2 null).
+    timesteps
+        T noise levels.
+    layers
+        Module names (``named_modules``) of the tapped layers, e.g. ``up_blocks.0``.
+    noise
+        float32 (T, B, C, H, W), e.g. from :func:`cldf.maps.common.feature_noise`.
+
+    Returns
+    -------
+    One float32 tensor (B, C_k, h_k, w_k) per layer, at the layer's native resolution.
+    """
+    modules = named_layers(cdm, layers)
+    b, n_t = images.shape[0], len(timesteps)
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook(k: int):
+        def _store(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"layer {layers[k]!r} returns {type(output).__name__}, not a tensor")
+            captured[k] = output
+
+        return _store
+
+    handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(modules)]
+    try:
+        with torch.inference_mode():
+            x_t, t = noised_batch(scheduler, images, timesteps, noise)
+            y = labels.to(images.device, torch.long).repeat(n_t)
+            cdm(x_t, timesteps=t, class_labels=y)
+    finally:
+        for h in handles:
+            h.remove()
+    return [captured[k].float().reshape(n_t, b, *captured[k].shape[1:]).mean(0) for k in range(len(layers))]

@@ -1,0 +1,1 @@
+"""CLDF proper: pixel selection, contrastive pixel decoder and K-means segmentation (steps 7–9)."""

@@ -1,0 +1,108 @@
+"""Pixel selection (step 7): which pixels the contrastive decoder treats as foreground or background.
+
+A pixel is *activated* in a map when its value exceeds a per-slice threshold computed from the body
+pixels of that slice only (Otsu, or a quantile). Foreground = activated in both the CAM and the mean
+gradient (``fused``), or in one of them (``cam`` / ``mg``), on positive slices only. Background = activated
+in none of the maps used, inside the body, on positive slices; on negative slices the whole body is
+background. Pixels outside the body are never selected: body versus air is trivially separable and
+segmentation clusters inside the body only, so air pixels would only teach the decoder a distinction it
+is never asked to make. Ambiguous slices (label -1) contribute nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.filters import threshold_otsu
+
+RULES = ("otsu", "quantile")
+MODES = ("fused", "cam", "mg")
+
+
+def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quantile: float = 0.8) -> torch.Tensor:
+    """Activated pixels of each map, thresholded per slice inside the body.
+
+    Parameters
+    ----------
+    maps
+        float (B, H, W) saliency maps.
+    body
+        bool (B, H, W) body masks.
+    rule
+        ``otsu`` (skimage's Otsu threshold of the body pixels) or ``quantile`` (the ``quantile``-th
+        quantile of the body pixels).
+    quantile
+        Quantile in (0, 1) for rule ``quantile``.
+
+    Returns
+    -------
+    bool (B, H, W): ``map > threshold`` inside the body. A slice whose map is constant over the body,
+    or whose body is empty, has no activated pixel.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; expected one of {RULES}")
+    if rule == "quantile" and not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
+    if maps.shape != body.shape:
+        raise ValueError(f"maps {tuple(maps.shape)} and body {tuple(body.shape)} differ in shape")
+    values = maps.detach().float().cpu().numpy()
+    inside = body.detach().cpu().numpy().astype(bool)
+    out = np.zeros(values.shape, dtype=bool)
+    for b in range(values.shape[0]):
+        pixels = values[b][inside[b]]
+        if pixels.size == 0 or pixels.max() == pixels.min():
+            continue
+        if rule == "otsu":
+            threshold = threshold_otsu(pixels)
+        else:
+            threshold = np.quantile(pixels, quantile)
+        out[b] = (values[b] > threshold) & inside[b]
+    return torch.from_numpy(out).to(maps.device)
+
+
+def select_pixels(
+    cam: torch.Tensor | None,
+    mg: torch.Tensor | None,
+    labels: torch.Tensor,
+    body: torch.Tensor,
+    mode: str = "fused",
+    rule: str = "otsu",
+    quantile: float = 0.8,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground and background training pixels of a batch of slices.
+
+    Parameters
+    ----------
+    cam, mg
+        float (B, H, W) CAM and mean-gradient maps in [0, 1]; the map a mode does not use may be None.
+    labels
+        int (B,) slice labels: 1 positive, 0 negative, -1 ambiguous (never selected).
+    body
+        bool (B, H, W) body masks.
+    mode
+        ``fused`` (foreground = activated in CAM and MG), ``cam`` or ``mg`` (that map only).
+    rule, quantile
+        Activation threshold, see :func:`activated`.
+
+    Returns
+    -------
+    ``(fg, bg)``, disjoint bool tensors (B, H, W), both inside the body. ``fg`` is empty on non-positive
+    slices; ``bg`` covers the whole body on negative slices.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown selection mode {mode!r}; expected one of {MODES}")
+    body = body.bool()
+    used = {"fused": (cam, mg), "cam": (cam,), "mg": (mg,)}[mode]
+    if any(m is None for m in used):
+        raise ValueError(f"selection mode {mode!r} needs the map(s) it uses; got None")
+    acts = [activated(m, body, rule, quantile) for m in used]
+    in_all = acts[0]
+    in_any = acts[0]
+    for act in acts[1:]:
+        in_all = in_all & act
+        in_any = in_any | act
+    positive = (labels == 1).view(-1, 1, 1).to(body.device)
+    negative = (labels == 0).view(-1, 1, 1).to(body.device)
+    fg = in_all & positive
+    bg = body & ((positive & ~in_any) | negative)
+    return fg, bg

@@ -1,0 +1,246 @@
+"""Training of the pixel decoder with the supervised contrastive loss (steps 7–8).
+
+Memory is bounded by one batch of slices: features are read at native resolution and upsampled per
+batch (:mod:`cldf.segment.features`), maps and body masks are read per batch, and the foreground and
+background prototypes are accumulated as running sums.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cldf.segment.decoder import PixelDecoder, embed_slices
+from cldf.segment.features import feature_dim, iter_feature_batches
+from cldf.segment.selection import select_pixels
+from cldf.segment.supcon import supcon_loss
+from cldf.store import MapStore, SliceStore
+
+CHECKPOINT_KIND = "pixel_decoder"
+
+
+def _read_map(store: MapStore | None, ids: np.ndarray) -> torch.Tensor | None:
+    """float32 (B, H, W) maps of the given global slice ids, or None without a store."""
+    if store is None:
+        return None
+    return torch.from_numpy(store.read("maps", ids).astype(np.float32))
+
+
+def _selected_batches(
+    slices: SliceStore,
+    features_path: str | os.PathLike,
+    cam: MapStore | None,
+    mg: MapStore | None,
+    ids: np.ndarray,
+    selection: Mapping[str, Any],
+    batch_size: int,
+    device: torch.device,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Yield ``(features (B, D, H, W) on device, labels long (B,), fg (B, H, W) bool, bg (B, H, W) bool)``.
+
+    Labels and masks stay on the CPU.
+    """
+    for batch_ids, feats in iter_feature_batches(features_path, ids, batch_size, slices.image_size, device):
+        labels = torch.from_numpy(slices.labels[batch_ids].astype(np.int64))
+        body = torch.from_numpy(slices.body(batch_ids))
+        fg, bg = select_pixels(
+            _read_map(cam, batch_ids),
+            _read_map(mg, batch_ids),
+            labels,
+            body,
+            mode=selection["mode"],
+            rule=selection["threshold"],
+            quantile=float(selection["quantile"]),
+        )
+        yield feats, labels, fg, bg
+
+
+def _sample_pixels(mask: torch.Tensor, max_n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """At most ``max_n`` random True pixels of ``mask`` (B, H, W): index tensors (b, h, w), each (n,)."""
+    where = torch.nonzero(mask, as_tuple=False)  # (M, 3)
+    if len(where) > max_n:
+        where = where[torch.randperm(len(where), generator=generator)[:max_n]]
+    return where[:, 0], where[:, 1], where[:, 2]
+
+
+def _pixel_features(feats: torch.Tensor, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Feature vectors (n, D) of the pixels ``index`` = (b, h, w) of ``feats`` (B, D, H, W)."""
+    b, h, w = (i.to(feats.device) for i in index)
+    return feats[b, :, h, w]
+
+
+def _make_optimizer(decoder: PixelDecoder, name: str, lr: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(decoder.parameters(), lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(decoder.parameters(), lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}; expected 'adam' or 'sgd'")
+
+
+def train_decoder(
+    slices_path: str | os.PathLike,
+    features_path: str | os.PathLike,
+    cam_path: str | os.PathLike | None,
+    mg_path: str | os.PathLike | None,
+    settings: Mapping[str, Any],
+    out: str | os.PathLike,
+    device: torch.device,
+    seed: int,
+) -> dict[str, Any]:
+    """Train the pixel decoder on the training slices (labels 0/1) and save it with its prototypes.
+
+    Parameters
+    ----------
+    slices_path, features_path
+        ``slices.zarr`` and ``features.zarr`` (layers at native resolution).
+    cam_path, mg_path
+        CAM and mean-gradient map stores; the one the selection mode does not use may be None.
+    settings
+        ``{"selection": {mode, threshold, quantile, max_background, max_foreground},
+        "decoder": {widths, temperature, optimizer, lr, epochs, batch_size}}`` (``cldf:`` config section).
+    out
+        Checkpoint path, written atomically: a dict with ``kind``, ``state_dict``, ``in_dim``, ``widths``,
+        ``prototypes`` (``foreground``/``background``: float32 (E,) unit vectors), ``settings``, ``seed``,
+        ``stats``.
+    device
+        Device of the decoder and of the per-batch features.
+    seed
+        Seeds the initialisation, the slice order of every epoch and the pixel sampling.
+
+    Each epoch visits the training slices in a seeded random order in batches of ``batch_size`` slices,
+    selects pixels (:func:`select_pixels`), samples at most ``max_foreground`` foreground and
+    ``max_background`` background pixels and takes one optimiser step on their supervised contrastive
+    loss (foreground label 1, background 0). A batch lacking foreground or background pixels is skipped
+    and counted. After training, the prototypes are the normalised mean embeddings of *all* selected
+    foreground / background pixels of the training slices.
+
+    Returns
+    -------
+    Stats: ``loss`` (mean loss per epoch; None for an epoch without a step), ``skipped_batches`` (per
+    epoch), ``steps``, ``n_train_slices``, ``n_foreground_pixels``, ``n_background_pixels`` (selected,
+    over the training set), ``positive_slices_without_foreground``.
+    """
+    selection = settings["selection"]
+    dec = settings["decoder"]
+    batch_size = int(dec["batch_size"])
+    slices = SliceStore(slices_path)
+    cam = MapStore(cam_path) if selection["mode"] in ("fused", "cam") else None
+    mg = MapStore(mg_path) if selection["mode"] in ("fused", "mg") else None
+    ids = slices.indices(split="train", labels=[0, 1])
+    if len(ids) == 0:
+        raise ValueError(f"{slices_path} has no training slice with label 0 or 1")
+
+    in_dim = feature_dim(features_path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        decoder = PixelDecoder(in_dim, dec["widths"]).to(device)
+    optimizer = _make_optimizer(decoder, dec["optimizer"], float(dec["lr"]))
+    generator = torch.Generator().manual_seed(seed)
+    order_rng = np.random.default_rng(seed)
+
+    losses: list[float | None] = []
+    skipped: list[int] = []
+    steps = 0
+    decoder.train()
+    for epoch in range(int(dec["epochs"])):
+        order = ids[order_rng.permutation(len(ids))]
+        epoch_losses: list[float] = []
+        n_skipped = 0
+        bar = tqdm(
+            _selected_batches(slices, features_path, cam, mg, order, selection, batch_size, device),
+            total=-(-len(order) // batch_size),
+            desc=f"decoder epoch {epoch + 1}/{dec['epochs']}",
+            unit="batch",
+        )
+        for feats, _, fg, bg in bar:
+            fg_index = _sample_pixels(fg, int(selection["max_foreground"]), generator)
+            bg_index = _sample_pixels(bg, int(selection["max_background"]), generator)
+            n_fg, n_bg = len(fg_index[0]), len(bg_index[0])
+            if n_fg == 0 or n_bg == 0 or n_fg + n_bg < 3:
+                n_skipped += 1
+                continue
+            x = torch.cat([_pixel_features(feats, fg_index), _pixel_features(feats, bg_index)])
+            y = torch.cat([torch.ones(n_fg, dtype=torch.long), torch.zeros(n_bg, dtype=torch.long)]).to(device)
+            loss = supcon_loss(decoder(x), y, float(dec["temperature"]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            epoch_losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
+        losses.append(float(np.mean(epoch_losses)) if epoch_losses else None)
+        skipped.append(n_skipped)
+
+    decoder.eval()
+    sums = {name: torch.zeros(decoder.out_dim, dtype=torch.float64) for name in ("foreground", "background")}
+    counts = {"foreground": 0, "background": 0}
+    positives_without_fg = 0
+    with torch.no_grad():
+        for feats, labels, fg, bg in _selected_batches(
+            slices, features_path, cam, mg, ids, selection, batch_size, device
+        ):
+            emb = embed_slices(decoder, feats).permute(0, 2, 3, 1).cpu()  # (B, H, W, E)
+            for name, mask in (("foreground", fg), ("background", bg)):
+                sums[name] += emb[mask].double().sum(dim=0)
+                counts[name] += int(mask.sum())
+            positives_without_fg += int(((labels == 1) & (fg.sum(dim=(1, 2)) == 0)).sum())
+    if counts["foreground"] == 0 or counts["background"] == 0:
+        raise RuntimeError(
+            f"pixel selection found {counts['foreground']} foreground and {counts['background']} background "
+            "pixels on the training slices; cannot define the prototypes (check the maps and the threshold)"
+        )
+    prototypes = {name: torch.nn.functional.normalize(s, dim=0).float() for name, s in sums.items()}
+
+    stats: dict[str, Any] = {
+        "loss": losses,
+        "skipped_batches": skipped,
+        "steps": steps,
+        "n_train_slices": int(len(ids)),
+        "n_foreground_pixels": counts["foreground"],
+        "n_background_pixels": counts["background"],
+        "positive_slices_without_foreground": positives_without_fg,
+    }
+    checkpoint = {
+        "kind": CHECKPOINT_KIND,
+        "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
+        "in_dim": in_dim,
+        "widths": list(decoder.widths),
+        "prototypes": prototypes,
+        "settings": _plain(settings),
+        "seed": int(seed),
+        "stats": stats,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return stats
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with mappings turned into dicts and tuples into lists (loadable with ``weights_only``)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def load_decoder(path: str | os.PathLike, device: torch.device) -> tuple[PixelDecoder, dict[str, Any]]:
+    """Load a checkpoint written by :func:`train_decoder`: the decoder (eval mode, on ``device``) and the
+    whole checkpoint dict (``prototypes``, ``settings``, ``stats`` ...)."""
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if checkpoint.get("kind") != CHECKPOINT_KIND:
+        raise ValueError(f"{path} is not a pixel-decoder checkpoint (kind {checkpoint.get('kind')!r})")
+    decoder = PixelDecoder(int(checkpoint["in_dim"]), checkpoint["widths"])
+    decoder.load_state_dict(checkpoint["state_dict"])
+    return decoder.to(device).eval(), checkpoint

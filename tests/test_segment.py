@@ -1,0 +1,353 @@
+"""Tests of cldf.segment: selection, supervised contrastive loss, decoder, and a toy end-to-end run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+from skimage.filters import threshold_otsu
+
+import cldf.segment.supcon as supcon_module
+from cldf.segment.cluster import cluster_slice, run_segmentation
+from cldf.segment.decoder import PixelDecoder, embed_slices
+from cldf.segment.features import iter_feature_batches, upsample_features
+from cldf.segment.selection import activated, select_pixels
+from cldf.segment.supcon import supcon_loss
+from cldf.segment.train import load_decoder, train_decoder
+from cldf.store import SPLITS, ArrayStoreWriter, MapStore
+
+
+# ---------------------------------------------------------------- supervised contrastive loss
+
+
+def brute_force_supcon(emb: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Khosla et al. L_out written as a plain double loop."""
+    losses = []
+    n = len(y)
+    for i in range(n):
+        positives = [p for p in range(n) if p != i and y[p] == y[i]]
+        if not positives:
+            continue
+        denominator = sum(torch.exp(emb[i] @ emb[a] / temperature) for a in range(n) if a != i)
+        terms = [-torch.log(torch.exp(emb[i] @ emb[p] / temperature) / denominator) for p in positives]
+        losses.append(sum(terms) / len(positives))
+    return sum(losses) / len(losses)
+
+
+def test_supcon_matches_brute_force_with_singleton_class():
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(9, 5, generator=gen, dtype=torch.float64), dim=1)
+    y = torch.tensor([0, 0, 1, 1, 1, 2, 0, 1, 3])  # classes 2 and 3 have a single sample: not anchors
+    for temperature in (0.1, 0.5, 1.0):
+        assert torch.allclose(supcon_loss(emb, y, temperature), brute_force_supcon(emb, y, temperature))
+
+
+def test_supcon_chunked_gradients_match_brute_force(monkeypatch):
+    monkeypatch.setattr(supcon_module, "ANCHOR_CHUNK", 3)
+    gen = torch.Generator().manual_seed(1)
+    raw = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 1, 0])
+    a = raw.clone().requires_grad_(True)
+    supcon_loss(torch.nn.functional.normalize(a, dim=1), y, 0.2).backward()
+    b = raw.clone().requires_grad_(True)
+    brute_force_supcon(torch.nn.functional.normalize(b, dim=1), y, 0.2).backward()
+    assert torch.allclose(a.grad, b.grad)
+
+
+def test_supcon_properties():
+    gen = torch.Generator().manual_seed(2)
+    y = torch.tensor([0] * 5 + [1] * 5)
+    separated = torch.zeros(10, 3)
+    separated[:5, 0] = 1.0
+    separated[5:, 0] = -1.0
+    mixed = torch.nn.functional.normalize(torch.randn(10, 3, generator=gen), dim=1)
+    # Perfectly separated: every anchor's 4 positives share its direction, its 5 negatives are opposite,
+    # so the loss approaches its infimum log(4) as the temperature falls.
+    assert supcon_loss(separated, y, 0.05) == pytest.approx(math.log(4), abs=1e-6)
+    assert supcon_loss(separated, y, 0.05) < supcon_loss(separated, y, 0.5) < supcon_loss(mixed, y, 0.5)
+    # Temperature enters only through z_i.z_j / t: scaling the embeddings by 2 equals dividing t by 4.
+    assert torch.allclose(supcon_loss(2 * mixed, y, 0.4), supcon_loss(mixed, y, 0.1))
+    # Numerically stable at tiny temperatures (logits up to 1e4).
+    assert torch.isfinite(supcon_loss(mixed, y, 1e-4))
+    with pytest.raises(ValueError):
+        supcon_loss(mixed[:3], torch.tensor([0, 1, 2]), 0.1)
+
+
+# ---------------------------------------------------------------- pixel selection
+
+
+def _square(size: int, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    out = torch.zeros(size, size, dtype=torch.bool)
+    out[r0:r1, c0:c1] = True
+    return out
+
+
+def test_activated_otsu_finds_high_mode_inside_body_only():
+    gen = torch.Generator().manual_seed(0)
+    high = _square(16, 4, 9, 4, 9)
+    body = _square(16, 1, 15, 1, 15)
+    maps = 0.2 + 0.05 * torch.randn(3, 16, 16, generator=gen)
+    maps[0][high] += 0.6  # two Gaussian modes, 0.2 and 0.8
+    maps[1][:, 0] = 1.0  # a high stripe outside the body, nothing else: not activated
+    maps[2] = 0.5  # constant
+    act = activated(maps, body.expand(3, 16, 16), "otsu")
+    assert torch.equal(act[0], high)
+    assert not act[1][:, 0].any()
+    assert not act[2].any()
+    quantile = activated(maps[:1], body[None], "quantile", 0.75)
+    assert abs(quantile.sum().item() / body.sum().item() - 0.25) < 0.02
+
+
+def test_select_pixels_fusion_labels_and_body():
+    size = 12
+    body = _square(size, 0, size, 0, 10).expand(3, size, size)
+    a = _square(size, 2, 7, 2, 7)
+    b = _square(size, 4, 9, 4, 9)
+    cam = torch.where(a, 1.0, 0.0).expand(3, size, size).clone()
+    mg = torch.where(b, 1.0, 0.0).expand(3, size, size).clone()
+    cam[:, :, 10:] = 1.0  # outside the body
+    labels = torch.tensor([1, 0, -1])
+    fg, bg = select_pixels(cam, mg, labels, body, "fused", "otsu")
+    assert torch.equal(fg[0], a & b)
+    assert torch.equal(bg[0], body[0] & ~(a | b))
+    assert not fg[1].any() and torch.equal(bg[1], body[1])  # negative slice: only background
+    assert not fg[2].any() and not bg[2].any()  # ambiguous slice: nothing
+    assert not (fg | bg)[:, :, 10:].any()  # outside the body: never selected
+    fg_cam, bg_cam = select_pixels(cam, None, labels, body, "cam", "otsu")
+    assert torch.equal(fg_cam[0], a) and torch.equal(bg_cam[0], body[0] & ~a)
+    fg_mg, bg_mg = select_pixels(None, mg, labels, body, "mg", "otsu")
+    assert torch.equal(fg_mg[0], b) and torch.equal(bg_mg[0], body[0] & ~b)
+    with pytest.raises(ValueError):
+        select_pixels(cam, None, labels, body, "fused", "otsu")
+
+
+# ---------------------------------------------------------------- decoder and features
+
+
+def test_decoder_normalised_and_embed_slices_equivalent():
+    torch.manual_seed(0)
+    decoder = PixelDecoder(7, [16, 16, 16, 16])
+    x = torch.randn(50, 7)
+    emb = decoder(x)
+    assert emb.shape == (50, 16)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(50), atol=1e-5)
+    feats = torch.randn(2, 7, 5, 6)
+    maps = embed_slices(decoder, feats)
+    assert maps.shape == (2, 16, 5, 6)
+    per_pixel = decoder(feats.permute(0, 2, 3, 1).reshape(-1, 7)).reshape(2, 5, 6, 16).permute(0, 3, 1, 2)
+    assert torch.allclose(maps, per_pixel, atol=1e-6)
+
+
+def test_upsample_features():
+    low = torch.full((2, 3, 4, 4), 2.0, dtype=torch.float16)
+    full = torch.randn(2, 5, 16, 16)
+    out = upsample_features([low, full], 16)
+    assert out.shape == (2, 8, 16, 16) and out.dtype == torch.float32
+    assert torch.all(out[:, :3] == 2.0)
+    assert torch.equal(out[:, 3:], full)
+
+
+# ---------------------------------------------------------------- toy end-to-end
+
+SIZE = 32
+
+
+def _disk(size: int, center: tuple[float, float], radius: float) -> np.ndarray:
+    rr, cc = np.mgrid[:size, :size]
+    return (rr - center[0]) ** 2 + (cc - center[1]) ** 2 <= radius**2
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return (x - x.min()) / (x.max() - x.min())
+
+
+def _make_toy(root: Path) -> dict:
+    """Slices, features (8×8 and 32×32 layers), CAM and MG stores of a toy 'tumour' dataset."""
+    rng = np.random.default_rng(0)
+    split_names = ["train"] * 28 + ["test"] * 10
+    labels = np.array([1] * 20 + [0] * 8 + [1] * 8 + [0] * 2, dtype=np.int8)
+    n = len(labels)
+    body = np.zeros((n, SIZE, SIZE), dtype=bool)
+    truth = np.zeros((n, SIZE, SIZE), dtype=bool)
+    cam = np.zeros((n, SIZE, SIZE), dtype=np.float32)
+    mg = np.zeros((n, SIZE, SIZE), dtype=np.float32)
+    low = np.zeros((n, 6, 8, 8), dtype=np.float32)
+    full = np.zeros((n, 4, SIZE, SIZE), dtype=np.float32)
+    for i in range(n):
+        body[i] = _disk(SIZE, (15.5 + rng.uniform(-1, 1), 15.5 + rng.uniform(-1, 1)), 13)
+        if labels[i] == 1:
+            r = rng.uniform(3, 6)
+            angle, dist = rng.uniform(0, 2 * np.pi), rng.uniform(0, 12 - r - 1)
+            truth[i] = _disk(SIZE, (15.5 + dist * np.sin(angle), 15.5 + dist * np.cos(angle)), r) & body[i]
+            # CAM: blurry and shifted; MG: a sparse, noisy, partial version of the blob.
+            cam[i] = _normalise(gaussian_filter(np.roll(truth[i], (2, 2), axis=(0, 1)).astype(float), 3))
+            kept = truth[i] & (rng.uniform(size=truth[i].shape) > 0.4)
+            mg[i] = _normalise(gaussian_filter(kept + 0.3 * rng.uniform(size=kept.shape), 1))
+        else:
+            cam[i] = _normalise(gaussian_filter(rng.uniform(size=(SIZE, SIZE)), 4))
+            mg[i] = _normalise(gaussian_filter(rng.uniform(size=(SIZE, SIZE)), 1))
+        t, b = truth[i].astype(np.float32), body[i].astype(np.float32)
+        t_low = t.reshape(8, 4, 8, 4).mean(axis=(1, 3))
+        b_low = b.reshape(8, 4, 8, 4).mean(axis=(1, 3))
+        low[i] = rng.normal(0, 0.5, size=low[i].shape)
+        low[i, :3] += 2.0 * t_low
+        low[i, 3] += 1.5 * b_low
+        full[i] = rng.normal(0, 1.0, size=full[i].shape)
+        full[i, :2] += 1.5 * t
+        full[i, 2] += 2.0 * b
+    ids = np.arange(n, dtype=np.int64)
+    split_code = np.array([SPLITS.index(s) for s in split_names], dtype=np.uint8)
+    paths = {name: root / f"{name}.zarr" for name in ("slices", "features", "cam", "mg")}
+    slice_arrays = {
+        "images": ((1, SIZE, SIZE), np.float16),
+        "body": ((SIZE, SIZE), np.uint8),
+        "labels": ((), np.int8),
+        "case_index": ((), np.int32),
+        "slice_index": ((), np.int32),
+        "split": ((), np.uint8),
+        "slice_ids": ((), np.int64),
+        "ground_truth/masks": ((SIZE, SIZE), np.uint8),
+    }
+    cases = [{"id": f"case{i}", "split": split_names[i]} for i in range(n)]
+    attrs = {"cases": cases, "modalities": ["t1"], "image_size": SIZE, "dataset": "toy"}
+    with ArrayStoreWriter(paths["slices"], n, slice_arrays, attrs) as w:
+        w.write("body", 0, body)
+        w.write("labels", 0, labels)
+        w.write("case_index", 0, ids.astype(np.int32))
+        w.write("split", 0, split_code)
+        w.write("slice_ids", 0, ids)
+        w.write("ground_truth/masks", 0, truth)
+    order = ids[::-1]  # the features store lists the slices in another order than slices.zarr
+    feature_arrays = {
+        "slice_ids": ((), np.int64),
+        "layer_0": (low.shape[1:], np.float16),
+        "layer_1": (full.shape[1:], np.float16),
+    }
+    with ArrayStoreWriter(paths["features"], n, feature_arrays, {"layers": ["a", "b"], "D": 10}) as w:
+        w.write("slice_ids", 0, order)
+        w.write("layer_0", 0, low[order])
+        w.write("layer_1", 0, full[order])
+    probs = np.where(labels == 1, 0.9, 0.1).astype(np.float32)
+    for name, maps in (("cam", cam), ("mg", mg)):
+        arrays = {"slice_ids": ((), np.int64), "maps": ((SIZE, SIZE), np.float16)}
+        if name == "cam":
+            arrays["probs"] = ((), np.float32)
+        with ArrayStoreWriter(paths[name], n, arrays) as w:
+            w.write("slice_ids", 0, ids)
+            w.write("maps", 0, maps)
+            if name == "cam":
+                w.write("probs", 0, probs)
+    split = np.array(split_names)
+    return {"paths": paths, "truth": truth, "body": body, "cam": cam, "labels": labels, "split": split, "low": low}
+
+
+SETTINGS = {
+    "selection": {
+        "mode": "fused", "threshold": "otsu", "quantile": 0.8, "max_background": 400, "max_foreground": 400
+    },
+    "decoder": {
+        "widths": [16, 16, 16, 16], "temperature": 0.1, "optimizer": "adam", "lr": 1e-2, "epochs": 6, "batch_size": 4
+    },
+}
+CLUSTER = {"k": 2, "inside_body": True, "empty_if_classifier_negative": True}
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("toy")
+    data = _make_toy(root)
+    p = data["paths"]
+    cpu = torch.device("cpu")
+    data["decoder"] = root / "decoder.pt"
+    data["stats"] = train_decoder(p["slices"], p["features"], p["cam"], p["mg"], SETTINGS, data["decoder"], cpu, seed=3)
+    run_segmentation(
+        p["slices"], p["features"], data["decoder"], p["cam"], CLUSTER, None, ["test"], root / "masks.zarr", cpu, seed=3
+    )
+    data["masks"] = root / "masks.zarr"
+    data["root"] = root
+    return data
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_iter_feature_batches_follows_requested_order(toy):
+    ids = np.array([5, 0, 7], dtype=np.int64)
+    batches = list(iter_feature_batches(toy["paths"]["features"], ids, 2, SIZE, torch.device("cpu")))
+    assert [b[0].tolist() for b in batches] == [[5, 0], [7]]
+    feats = torch.cat([f for _, f in batches])
+    assert feats.shape == (3, 10, SIZE, SIZE) and feats.dtype == torch.float32
+    low = torch.from_numpy(toy["low"][ids].astype(np.float16).astype(np.float32))
+    assert torch.allclose(feats[:, :6], upsample_features([low], SIZE))
+
+
+def test_training_stats_and_checkpoint(toy):
+    stats = toy["stats"]
+    assert stats["n_train_slices"] == 28 and stats["steps"] > 0
+    assert all(loss is not None and math.isfinite(loss) for loss in stats["loss"])
+    assert stats["loss"][-1] < stats["loss"][0]
+    decoder, checkpoint = load_decoder(toy["decoder"], torch.device("cpu"))
+    assert decoder.in_dim == 10 and decoder.out_dim == 16
+    fg, bg = checkpoint["prototypes"]["foreground"], checkpoint["prototypes"]["background"]
+    assert fg.shape == (16,) and torch.isclose(fg.norm(), torch.tensor(1.0))
+    assert float(fg @ bg) < 0.8  # the two prototypes point in clearly different directions
+
+
+def test_kmeans_on_embeddings_beats_thresholded_cam(toy):
+    store = MapStore(toy["masks"])
+    test_ids = np.flatnonzero(toy["split"] == "test")
+    assert store.slice_ids.tolist() == test_ids.tolist()
+    masks = store.read("masks", test_ids).astype(bool)
+    positive = toy["labels"][test_ids] == 1
+    assert not masks[~positive].any()  # classifier probability < 0.5 -> empty mask
+    assert not (masks & ~toy["body"][test_ids]).any()
+    dice_cldf, dice_cam = [], []
+    for row, i in enumerate(test_ids[positive]):
+        truth = toy["truth"][i]
+        dice_cldf.append(_dice(masks[positive][row], truth))
+        cam = toy["cam"][i].astype(np.float16).astype(np.float32)
+        dice_cam.append(_dice((cam > threshold_otsu(cam[toy["body"][i]])) & toy["body"][i], truth))
+    assert np.mean(dice_cldf) > 0.75
+    assert np.mean(dice_cldf) > np.mean(dice_cam) + 0.15, (np.mean(dice_cldf), np.mean(dice_cam))
+
+
+def test_same_seed_same_decoder_and_masks(toy):
+    p, root = toy["paths"], toy["root"]
+    cpu = torch.device("cpu")
+    train_decoder(p["slices"], p["features"], p["cam"], p["mg"], SETTINGS, root / "again.pt", cpu, seed=3)
+    first, _ = load_decoder(toy["decoder"], torch.device("cpu"))
+    second, _ = load_decoder(root / "again.pt", torch.device("cpu"))
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    run_segmentation(
+        p["slices"], p["features"], root / "again.pt", p["cam"], CLUSTER, None, ["test"], root / "again.zarr", cpu, seed=3
+    )
+    ids = MapStore(toy["masks"]).slice_ids
+    assert np.array_equal(MapStore(toy["masks"]).read("masks", ids), MapStore(root / "again.zarr").read("masks", ids))
+
+
+def test_cluster_slice_degenerate_and_region():
+    emb = torch.zeros(2, 6, 6)
+    emb[0] = 1.0
+    emb[1, 1:3, 1:3] = 3.0
+    emb = torch.nn.functional.normalize(emb, dim=0)
+    body = torch.zeros(6, 6, dtype=torch.bool)
+    body[0, 0] = True
+    assert not cluster_slice(emb, body, 2, torch.tensor([0.0, 1.0]), 0).any()  # fewer pixels than k
+    body[:4, :4] = True
+    mask = cluster_slice(emb, body, 2, torch.tensor([0.0, 1.0]), 0)
+    expected = np.zeros((6, 6), dtype=bool)
+    expected[1:3, 1:3] = True
+    assert np.array_equal(mask, expected)
+
+
+def test_segment_code_never_reads_ground_truth():
+    package = Path(__file__).resolve().parent.parent / "cldf" / "segment"
+    for name in ("features", "selection", "supcon", "decoder", "train", "cluster"):
+        text = (package / f"{name}.py").read_text()
+        assert "ground_truth" not in text, name

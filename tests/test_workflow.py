@@ -1,0 +1,74 @@
+"""The Snakemake workflow: config validation, dry runs, a real slicing run, bad targets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cldf.store import SliceStore
+
+from .workflow_utils import REPO, planned_jobs, run_snakemake, tiny_config
+
+
+def test_dry_run_of_default_target_plans_every_stage(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    jobs = planned_jobs(cfg)
+    for rule in ["phantom", "slices_shard", "slices", "train_model", "features_shard", "gradient_shard",
+                 "cam_shard", "saliency_shard", "gather_map", "decoder_fused", "segment_shard_fused",
+                 "masks_fused", "decoder_cam", "decoder_mg", "baseline_masks", "fsl_masks", "nifti",
+                 "metrics", "figure", "cdm_samples"]:
+        assert jobs.get(rule, 0) >= 1, f"rule {rule} missing from the plan: {jobs}"
+    assert jobs["train_model"] == 4
+    assert jobs["cam_shard"] == 4 * jobs["features_shard"]  # every CAM method, every shard
+
+
+def test_config_typo_names_the_key(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, {"cldf": {"decoder": {"epohcs": 3}}})
+    res = run_snakemake(cfg, ["-n"], check=False)
+    assert res.returncode != 0
+    assert "epohcs" in res.stderr and "cldf.decoder" in res.stderr
+
+
+def test_config_wrong_type_names_the_key(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, {"features": {"batch_size": "eight"}})
+    res = run_snakemake(cfg, ["-n"], check=False)
+    assert res.returncode != 0
+    assert "features.batch_size" in res.stderr
+
+
+def test_brats21_without_data_says_where_to_put_it(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, {"datasets": {"brats21": {"root": str(tmp_path / "nowhere")}}})
+    res = run_snakemake(cfg, ["-n", f"{tmp_path}/results/brats21/metrics.csv"], check=False)
+    assert res.returncode != 0
+    assert "datasets.brats21.root" in res.stderr
+    assert str(tmp_path / "nowhere") in res.stderr
+
+
+def test_real_run_of_slices_target(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    run_snakemake(cfg, ["--cores", "2", f"{tmp_path}/results/synthetic/slices.zarr"])
+    store = SliceStore(tmp_path / "results/synthetic/slices.zarr")
+    settings = yaml.safe_load(cfg.read_text())
+    assert store.image_size == settings["presets"]["cpu"]["image_size"]
+    assert set(store.split) <= {"train", "val", "test"}
+    assert (store.labels == 1).any() and (store.labels == 0).any()
+    # a case lives in exactly one split
+    for case in set(store.case_index):
+        assert len(set(store.split[store.case_index == case])) == 1
+    assert (tmp_path / "results/synthetic/slices.csv").exists()
+    assert not list((tmp_path / "results/synthetic").glob(".*tmp*")), "temporary store left behind"
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "cldf.cli", "gather", "--shards", str(tmp_path / "missing.zarr"),
+         "--out", str(tmp_path / "out.zarr")],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert res.returncode == 1
+    assert res.stderr.strip().startswith("cldf gather: error:")
+    assert "Traceback" not in res.stderr

@@ -1,0 +1,72 @@
+"""Helpers to run the Snakemake workflow on small configs from tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from cldf.config import DEFAULT_CONFIG, deep_merge
+
+REPO = Path(__file__).resolve().parent.parent
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+# A phantom and models small enough for a test; the demo uses config/config.yaml as shipped.
+TINY: dict[str, Any] = {
+    "datasets": {"synthetic": {"phantom": {"n_cases": 6, "shape": [48, 48, 20], "seed": 1}}},
+    "presets": {"cpu": {
+        "image_size": 32,
+        "cdm": {"channels": [16, 32], "attention_levels": [False, True], "num_head_channels": 16,
+                "steps": 30, "batch_size": 8, "checkpoint_every": 15},
+        "noisy_classifier": {"channels": [16, 32], "attention_levels": [False, True], "num_head_channels": 16,
+                             "steps": 30, "batch_size": 8, "checkpoint_every": 15},
+        "cam_classifier": {"widen_factor": 0.25, "steps": 30, "batch_size": 8, "checkpoint_every": 15},
+        "fsl_unet": {"channels": [8, 16, 32], "steps": 30, "batch_size": 8, "checkpoint_every": 15},
+    }},
+    "features": {"layers": ["up_blocks.0", "up_blocks.1"]},
+    "gradient": {"timesteps": [10, 100, 200]},
+    "shard_size": 3,
+}
+
+
+def tiny_config(tmp_path: Path, overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] = TINY) -> Path:
+    """Write the default config merged with ``base`` and ``overrides``; results go under ``tmp_path``."""
+    with open(DEFAULT_CONFIG) as fh:
+        cfg = yaml.safe_load(fh)
+    cfg = deep_merge(cfg, base)
+    cfg = deep_merge(cfg, {"results_dir": str(tmp_path / "results"),
+                           "datasets": {"synthetic": {"root": str(tmp_path / "results/synthetic/raw")}}})
+    if overrides:
+        cfg = deep_merge(cfg, overrides)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_snakemake(config: Path, args: list[str], check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
+    """Run the workflow from the repository root with ``config`` as the config file."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(
+        [*SNAKEMAKE, "--configfile", str(config), *args, "--quiet", "rules"],
+        cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout,
+    )
+    if check and res.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res
+
+
+def planned_jobs(config: Path, args: list[str] | None = None) -> Counter:
+    """Rule name → number of jobs that a dry run plans."""
+    res = run_snakemake(config, ["-n", *(args or [])])
+    jobs: Counter = Counter()
+    for line in (res.stdout + res.stderr).splitlines():
+        m = re.match(r"^\s*(\w+)\s+(\d+)\s*$", line)
+        if m and m.group(1) != "total":
+            jobs[m.group(1)] += int(m.group(2))
+    return jobs

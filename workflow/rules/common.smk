@@ -1,0 +1,126 @@
+# Config validation, shard bookkeeping and input functions shared by every rule file.
+
+import json
+import math
+
+from snakemake.exceptions import WorkflowError
+
+from cldf.config import (
+    ConfigError,
+    dataset_settings,
+    model_settings,
+    validate_config,
+)
+from cldf.data.splits import assign_splits
+from cldf.io.errors import DataError
+from cldf.io.layouts import list_cases
+
+try:
+    validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration: {err}") from None
+
+R = config["results_dir"]
+CAMS = config["cams"]["methods"]
+if config["cldf"]["cam"] not in CAMS:
+    raise WorkflowError(
+        f"invalid configuration: config key cldf.cam: {config['cldf']['cam']!r} is not in cams.methods {CAMS}"
+    )
+MODEL_KINDS = ["cdm", "noisy_classifier", "cam_classifier", "fsl_unet"]
+DEVICE = config["device"]
+SEED = config["seed"]
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_]+",
+    shard=r"\d+",
+    cam="|".join(CAMS),
+    kind="|".join(MODEL_KINDS),
+
+
+def ds_settings(dataset):
+    """Validated settings of one dataset (image_size resolved from the model preset)."""
+    try:
+        return dataset_settings(config, dataset)
+    except ConfigError as err:
+        raise WorkflowError(str(err)) from None
+
+
+_CASES = {}
+
+
+def cases(dataset):
+    """Case ids of a dataset, from a directory listing (or the phantom config)."""
+    if dataset not in _CASES:
+        try:
+            _CASES[dataset] = list_cases(ds_settings(dataset))
+        except DataError as err:
+            raise WorkflowError(str(err)) from None
+    return _CASES[dataset]
+
+
+def n_shards(dataset):
+    return math.ceil(len(cases(dataset)) / config["shard_size"])
+
+
+def shard_cases(dataset, shard):
+    """Comma-separated global case indices of one shard (what `cldf … --cases` takes)."""
+    size = config["shard_size"]
+    start = int(shard) * size
+    return ",".join(str(i) for i in range(start, min(start + size, len(cases(dataset)))))
+
+
+def test_shards(dataset):
+    """Shards that hold at least one test case (segmentation and export only need those)."""
+    split = assign_splits(cases(dataset), ds_settings(dataset)["split"])
+    size = config["shard_size"]
+    return sorted({i // size for i, c in enumerate(cases(dataset)) if split[c] == "test"})
+
+
+def shard_paths(pattern, dataset, **fmt):
+    return [pattern.format(R=R, dataset=dataset, shard=k, **fmt) for k in range(n_shards(dataset))]
+
+
+def as_json(obj):
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def raw_inputs(wildcards):
+    """What slicing a shard reads: the phantom manifest, or the NIfTI files of the shard's cases."""
+    ds = ds_settings(wildcards.dataset)
+    if ds["layout"] == "synthetic":
+        return [f"{R}/{wildcards.dataset}/phantom.json"]
+    from cldf.io.layouts import case_files
+
+    idx = [int(i) for i in shard_cases(wildcards.dataset, wildcards.shard).split(",")]
+    try:
+        return [str(p) for i in idx for p in case_files(ds, cases(wildcards.dataset)[i]).values()]
+    except DataError as err:
+        raise WorkflowError(str(err)) from None
+
+
+def method_masks(dataset):
+    """Every row of the comparison table: method name → (mask store, cam)."""
+    cam = config["cldf"]["cam"]
+    rows = {"CLDF": (f"{R}/{dataset}/cldf/{cam}/masks.zarr", cam)}
+    for c in CAMS:
+        rows[CAM_NAMES[c]] = (f"{R}/{dataset}/baselines/{c}/masks.zarr", c)
+    rows["MG"] = (f"{R}/{dataset}/baselines/mean_gradient/masks.zarr", "")
+    rows["CDM saliency"] = (f"{R}/{dataset}/baselines/saliency/masks.zarr", "")
+    rows[f"{CAM_NAMES[cam]}+CL"] = (f"{R}/{dataset}/cldf/{cam}/ablation-cam/masks.zarr", cam)
+    rows["MG+CL"] = (f"{R}/{dataset}/cldf/{cam}/ablation-mg/masks.zarr", cam)
+    rows["FSL UNet (upper bound)"] = (f"{R}/{dataset}/baselines/fsl_unet/masks.zarr", "")
+    return rows
+
+
+CAM_NAMES = {"gradcam": "GradCAM", "gradcampp": "GradCAM++", "scorecam": "ScoreCAM", "layercam": "LayerCAM"}
+
+
+def final_outputs(dataset):
+    cam = config["cldf"]["cam"]
+    return [
+        f"{R}/{dataset}/metrics.csv",
+        f"{R}/{dataset}/figure.png",
+        f"{R}/{dataset}/cldf/{cam}/nifti",
+        f"{R}/{dataset}/models/cdm_samples.png",
+    ]

@@ -1,0 +1,116 @@
+# Cached per-slice maps: diffusion features, mean-gradient maps, CAMs and the CDM-saliency baseline.
+# Each is computed by independent shard jobs (groups of cases) and gathered into one Zarr store.
+# Each rule's params hold only the settings it depends on, so e.g. switching cldf.cam never
+# recomputes features.
+
+SLICES = f"{R}/{{dataset}}/slices.zarr"
+
+
+rule features_shard:
+    input:
+        slices=SLICES,
+        cdm=f"{R}/{{dataset}}/models/cdm.pt",
+    output:
+        temp(directory(f"{R}/{{dataset}}/shards/features/{{shard}}.zarr")),
+    params:
+        settings=as_json(config["features"]),
+        cases=lambda w: shard_cases(w.dataset, w.shard),
+    log:
+        f"{R}/logs/{{dataset}}/features/{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/features/{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "cldf features --slices {input.slices} --cdm {input.cdm} --settings {params.settings:q}"
+        " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+
+
+rule gradient_shard:
+    input:
+        slices=SLICES,
+        classifier=f"{R}/{{dataset}}/models/noisy_classifier.pt",
+    output:
+        temp(directory(f"{R}/{{dataset}}/shards/mean_gradient/{{shard}}.zarr")),
+    params:
+        settings=as_json(config["gradient"]),
+        cases=lambda w: shard_cases(w.dataset, w.shard),
+    log:
+        f"{R}/logs/{{dataset}}/mean_gradient/{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/mean_gradient/{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "cldf gradient --slices {input.slices} --classifier {input.classifier} --settings {params.settings:q}"
+        " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+
+
+rule cam_shard:
+    input:
+        slices=SLICES,
+        classifier=f"{R}/{{dataset}}/models/cam_classifier.pt",
+    output:
+        temp(directory(f"{R}/{{dataset}}/shards/cams/{{cam}}/{{shard}}.zarr")),
+    params:
+        settings=as_json({k: v for k, v in config["cams"].items() if k != "methods"}),
+        cases=lambda w: shard_cases(w.dataset, w.shard),
+    log:
+        f"{R}/logs/{{dataset}}/cams/{{cam}}/{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/cams/{{cam}}/{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=1,
+    shell:
+        "cldf cam --slices {input.slices} --classifier {input.classifier} --method {wildcards.cam}"
+        " --settings {params.settings:q} --cases {params.cases} --out {output} --device {DEVICE}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule saliency_shard:
+    input:
+        slices=SLICES,
+        cdm=f"{R}/{{dataset}}/models/cdm.pt",
+    output:
+        temp(directory(f"{R}/{{dataset}}/shards/saliency/{{shard}}.zarr")),
+    params:
+        settings=as_json(config["saliency"]),
+        cases=lambda w: shard_cases(w.dataset, w.shard),
+    log:
+        f"{R}/logs/{{dataset}}/saliency/{{shard}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/saliency/{{shard}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "cldf saliency --slices {input.slices} --cdm {input.cdm} --settings {params.settings:q}"
+        " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+
+
+rule gather_map:
+    """Gather the shards of one map kind into a single store (streamed, row by row)."""
+    input:
+        lambda w: shard_paths(f"{{R}}/{{dataset}}/shards/{w.map}/{{shard}}.zarr", w.dataset),
+    output:
+        directory(f"{R}/{{dataset}}/{{map}}.zarr"),
+    wildcard_constraints:
+        map="features|mean_gradient|saliency|cams/(" + "|".join(CAMS) + ")",
+    log:
+        f"{R}/logs/{{dataset}}/gather_{{map}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "cldf gather --shards {input} --out {output} > {log} 2>&1"

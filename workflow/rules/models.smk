@@ -1,0 +1,41 @@
+# The three networks CLDF needs, plus the fully supervised upper bound (comparison only).
+
+
+rule train_model:
+    """Train one model on the training split (image-level labels; masks only for fsl_unet)."""
+    input:
+        f"{R}/{{dataset}}/slices.zarr",
+    output:
+        model=f"{R}/{{dataset}}/models/{{kind}}.pt",
+        metrics=f"{R}/{{dataset}}/models/{{kind}}.json",
+    params:
+        settings=lambda w: as_json(model_settings(config, w.kind)),
+    log:
+        f"{R}/logs/{{dataset}}/train_{{kind}}.log",
+    benchmark:
+        f"{R}/benchmarks/{{dataset}}/train_{{kind}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=lambda w: 1440 if config["model_preset"] == "paper" else 60,
+        gpu=1,
+    shell:
+        "cldf train --kind {wildcards.kind} --slices {input} --settings {params.settings:q} --out {output.model}"
+        " --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+
+
+rule cdm_samples:
+    """Class-conditional samples of the CDM (y=0 row, y=1 row) as a PNG grid."""
+    input:
+        f"{R}/{{dataset}}/models/cdm.pt",
+    output:
+        f"{R}/{{dataset}}/models/cdm_samples.png",
+    log:
+        f"{R}/logs/{{dataset}}/cdm_samples.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=1,
+    shell:
+        "cldf samples --cdm {input} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"

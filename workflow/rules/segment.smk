@@ -1,0 +1,142 @@
+# CLDF proper: fused pixel selection + contrastive pixel decoder, K-means masks; the thresholded
+# baselines and the fully supervised upper bound; masks written back as NIfTI.
+
+SELECTION_DIRS = {"fused": "", "cam": "ablation-cam/", "mg": "ablation-mg/"}
+
+
+def decoder_settings(mode):
+    cl = config["cldf"]
+    return as_json({"selection": {**cl["selection"], "mode": mode}, "decoder": cl["decoder"]})
+
+
+for _mode, _sub in SELECTION_DIRS.items():
+
+    rule:
+        name:
+            f"decoder_{_mode}"
+        input:
+            slices=SLICES,
+            features=f"{R}/{{dataset}}/features.zarr",
+            cam=f"{R}/{{dataset}}/cams/{{cam}}.zarr",
+            mg=f"{R}/{{dataset}}/mean_gradient.zarr",
+        output:
+            f"{R}/{{dataset}}/cldf/{{cam}}/{_sub}decoder.pt",
+        params:
+            settings=decoder_settings(_mode),
+        log:
+            f"{R}/logs/{{dataset}}/cldf/{{cam}}/{_sub}decoder.log",
+        benchmark:
+            f"{R}/benchmarks/{{dataset}}/cldf/{{cam}}/{_sub}decoder.tsv"
+        threads: 2
+        resources:
+            mem_mb=6000,
+            runtime=60,
+            gpu=1,
+        shell:
+            "cldf decoder --slices {input.slices} --features {input.features} --cam {input.cam} --mg {input.mg}"
+            " --settings {params.settings:q} --out {output} --device {DEVICE} --seed {SEED} --threads {threads}"
+            " > {log} 2>&1"
+
+    rule:
+        name:
+            f"segment_shard_{_mode}"
+        input:
+            slices=SLICES,
+            features=f"{R}/{{dataset}}/features.zarr",
+            cam=f"{R}/{{dataset}}/cams/{{cam}}.zarr",
+            decoder=f"{R}/{{dataset}}/cldf/{{cam}}/{_sub}decoder.pt",
+        output:
+            temp(directory(f"{R}/{{dataset}}/shards/cldf/{{cam}}/{_sub}masks/{{shard}}.zarr")),
+        params:
+            settings=as_json(config["cldf"]["cluster"]),
+            cases=lambda w: shard_cases(w.dataset, w.shard),
+        log:
+            f"{R}/logs/{{dataset}}/cldf/{{cam}}/{_sub}segment_{{shard}}.log",
+        benchmark:
+            f"{R}/benchmarks/{{dataset}}/cldf/{{cam}}/{_sub}segment_{{shard}}.tsv"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        shell:
+            "cldf segment --slices {input.slices} --features {input.features} --decoder {input.decoder}"
+            " --cam {input.cam} --settings {params.settings:q} --cases {params.cases} --out {output}"
+            " --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+
+    rule:
+        name:
+            f"masks_{_mode}"
+        input:
+            lambda w, sub=_sub: [
+                f"{R}/{w.dataset}/shards/cldf/{w.cam}/{sub}masks/{k}.zarr" for k in test_shards(w.dataset)
+            ],
+        output:
+            directory(f"{R}/{{dataset}}/cldf/{{cam}}/{_sub}masks.zarr"),
+        log:
+            f"{R}/logs/{{dataset}}/cldf/{{cam}}/{_sub}masks_gather.log",
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        shell:
+            "cldf gather --shards {input} --out {output} > {log} 2>&1"
+
+
+def baseline_map(wildcards):
+    name = wildcards.baseline
+    return f"{R}/{wildcards.dataset}/{'cams/' + name if name in CAMS else name}.zarr"
+
+
+rule baseline_masks:
+    """Threshold a CAM, MG or saliency map into masks of the test slices (one rule for all)."""
+    input:
+        slices=SLICES,
+        map=baseline_map,
+        probs=f"{R}/{{dataset}}/cams/{config['cldf']['cam']}.zarr",
+    output:
+        directory(f"{R}/{{dataset}}/baselines/{{baseline}}/masks.zarr"),
+    params:
+        rule=config["evaluate"]["baseline_threshold"],
+    wildcard_constraints:
+        baseline="mean_gradient|saliency|" + "|".join(CAMS),
+    log:
+        f"{R}/logs/{{dataset}}/baselines/{{baseline}}.log",
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    shell:
+        "cldf baseline --slices {input.slices} --map {input.map} --probs {input.probs} --out {output} > {log} 2>&1"
+
+
+rule fsl_masks:
+    """Masks of the fully supervised UNet on the test slices (the upper bound of the table)."""
+    input:
+        slices=SLICES,
+        model=f"{R}/{{dataset}}/models/fsl_unet.pt",
+    output:
+        directory(f"{R}/{{dataset}}/baselines/fsl_unet/masks.zarr"),
+    log:
+        f"{R}/logs/{{dataset}}/baselines/fsl_unet.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+        gpu=1,
+    shell:
+        "cldf predict-fsl --slices {input.slices} --model {input.model} --out {output} --device {DEVICE}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule nifti:
+    """CLDF masks of every test case as NIfTI in the case's original geometry."""
+    input:
+        slices=SLICES,
+        masks=f"{R}/{{dataset}}/cldf/{{cam}}/masks.zarr",
+    output:
+        directory(f"{R}/{{dataset}}/cldf/{{cam}}/nifti"),
+    log:
+        f"{R}/logs/{{dataset}}/cldf/{{cam}}/nifti.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "cldf nifti --slices {input.slices} --masks {input.masks} --out {output} > {log} 2>&1"
