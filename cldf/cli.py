@@ -122,7 +122,7 @@ def cmd_saliency(args: argparse.Namespace) -> None:
 
     device = _device(args)
     cdm = load_model(args.cdm, device)
-    run_saliency(args.slices, cdm, build_scheduler(), args.settings, args.cases, args.out, device, args.seed)
+    run_saliency(args.slices, cdm, build_scheduler(), args.settings, args.cases, args.out, device, splits=["test"])
 
 
 def cmd_gather(args: argparse.Namespace) -> None:
@@ -176,9 +176,34 @@ def cmd_metrics(args: argparse.Namespace) -> None:
 
 
 def cmd_figure(args: argparse.Namespace) -> None:
-    from cldf.evaluate.figures import figure_grid
+    import numpy as np
+    import pandas as pd
+    import torch
 
-    figure_grid(args.slices, args.panels, args.out)
+    from cldf.evaluate.figures import figure_grid
+    from cldf.segment.selection import select_pixels
+    from cldf.store import MapStore, SliceStore
+
+    slices = SliceStore(args.slices)
+    cam, mg = MapStore(args.cam), MapStore(args.mg)
+    sel = args.selection
+
+    def fused_selection(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fg, bg = select_pixels(
+            torch.from_numpy(cam.read("maps", ids).astype(np.float32)),
+            torch.from_numpy(mg.read("maps", ids).astype(np.float32)),
+            torch.from_numpy(slices.labels[ids].astype(np.int64)),
+            torch.from_numpy(slices.body(ids)),
+            sel["mode"], sel["threshold"], sel["quantile"],
+        )
+        return fg.numpy(), bg.numpy()
+
+    table = pd.read_csv(args.metrics).set_index("method")
+    best = table.loc[list(args.baselines), "dice_mean"].idxmax()
+    figure_grid(args.slices, {
+        "CAM": args.cam, "MG": args.mg, "fused selection": fused_selection, "CLDF": args.cldf,
+        f"best baseline ({best})": args.baselines[best],
+    }, args.out)
 
 
 Command = tuple[Callable[[argparse.Namespace], None], list[tuple[tuple[str, ...], dict[str, Any]]]]
@@ -226,8 +251,11 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "metrics": ("the comparison table", (cmd_metrics, [
         _SLICES, (("--methods",), {"type": _json, "required": True}), _OUT,
         (("--per-slice",), {"required": True})])),
-    "figure": ("the qualitative figure", (cmd_figure, [
-        _SLICES, (("--panels",), {"type": _json, "required": True}), _OUT])),
+    "figure": ("the qualitative figure (paper Fig. 3)", (cmd_figure, [
+        _SLICES, (("--cam",), {"required": True}), (("--mg",), {"required": True}),
+        (("--cldf",), {"required": True}), (("--metrics",), {"required": True}),
+        (("--baselines",), {"type": _json, "required": True, "help": "method name → masks store"}),
+        (("--selection",), {"type": _json, "required": True, "help": "cldf.selection settings"}), _OUT])),
 }
 
 

@@ -42,7 +42,7 @@ def test_config_wrong_type_names_the_key(tmp_path: Path) -> None:
 
 def test_brats21_without_data_says_where_to_put_it(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path, {"datasets": {"brats21": {"root": str(tmp_path / "nowhere")}}})
-    res = run_snakemake(cfg, ["-n", f"{tmp_path}/results/brats21/metrics.csv"], check=False)
+    res = run_snakemake(cfg, ["-n", "results/brats21/metrics.csv"], check=False)
     assert res.returncode != 0
     assert "datasets.brats21.root" in res.stderr
     assert str(tmp_path / "nowhere") in res.stderr
@@ -50,7 +50,7 @@ def test_brats21_without_data_says_where_to_put_it(tmp_path: Path) -> None:
 
 def test_real_run_of_slices_target(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
-    run_snakemake(cfg, ["--cores", "2", f"{tmp_path}/results/synthetic/slices.zarr"])
+    run_snakemake(cfg, ["--cores", "2", "results/synthetic/slices.zarr"])
     store = SliceStore(tmp_path / "results/synthetic/slices.zarr")
     settings = yaml.safe_load(cfg.read_text())
     assert store.image_size == settings["presets"]["cpu"]["image_size"]

@@ -36,25 +36,30 @@ TINY: dict[str, Any] = {
 
 
 def tiny_config(tmp_path: Path, overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] = TINY) -> Path:
-    """Write the default config merged with ``base`` and ``overrides``; results go under ``tmp_path``."""
+    """Write ``<tmp_path>/config/config.yaml``: the default config merged with ``base`` and ``overrides``.
+
+    The workflow then runs with ``tmp_path`` as its working directory, so results and Snakemake's
+    metadata stay there and tests never share state.
+    """
     with open(DEFAULT_CONFIG) as fh:
         cfg = yaml.safe_load(fh)
     cfg = deep_merge(cfg, base)
-    cfg = deep_merge(cfg, {"results_dir": str(tmp_path / "results"),
-                           "datasets": {"synthetic": {"root": str(tmp_path / "results/synthetic/raw")}}})
     if overrides:
         cfg = deep_merge(cfg, overrides)
-    path = tmp_path / "config.yaml"
+    path = tmp_path / "config" / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
 def run_snakemake(config: Path, args: list[str], check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
-    """Run the workflow from the repository root with ``config`` as the config file."""
+    """Run the workflow with the directory holding ``config/config.yaml`` as working directory."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    workdir = config.parent.parent
     res = subprocess.run(
-        [*SNAKEMAKE, "--configfile", str(config), *args, "--quiet", "rules"],
-        cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout,
+        [*SNAKEMAKE, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
+         "--configfile", str(config), "--quiet", "rules", *args],
+        cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout,
     )
     if check and res.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-5000:]}")

@@ -87,12 +87,16 @@ def _layercam(acti: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return F.relu((F.relu(grad) * acti).sum(dim=1))
 
 
-def _scorecam(model: nn.Module, images: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _scorecam(
+    model: nn.Module, images: torch.Tensor, layer: str, max_channels: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Score-CAM (Wang et al. 2020) at ``layer``: returns raw maps (B, H, W) and logits (B, K).
 
     Each activation channel, upsampled to H x W and min-max normalised, masks the input (towards the
     background value -1 of images in [-1, 1]); the positive-class softmax score of the masked input is the
-    channel's weight. Masked forwards run in chunks of ``SCORECAM_CHUNK`` images.
+    channel's weight. With ``max_channels``, only the channels of highest mean activation of each slice are
+    scored (the others weigh 0), which bounds the cost at ``max_channels`` forwards per slice. Masked
+    forwards run in chunks of ``SCORECAM_CHUNK`` images.
     """
     size = images.shape[2:]
     with torch.inference_mode():
@@ -100,22 +104,27 @@ def _scorecam(model: nn.Module, images: torch.Tensor, layer: str) -> tuple[torch
             logits = model(images)
         acti = acts[layer].float()
         b, c = acti.shape[:2]
-        masks = _upsample(acti.reshape(b * c, *acti.shape[2:]), size)
-        masks = normalise_per_slice(masks).reshape(b, c, *size)
-        weights = torch.empty(b, c, device=images.device)
+        k = c if max_channels is None else min(int(max_channels), c)
+        top = acti.mean(dim=(2, 3)).topk(k, dim=1).indices  # (B, k)
+        weights = torch.zeros(b, c, device=images.device)
         for i in range(b):
-            masked = BACKGROUND_VALUE + (images[i : i + 1] - BACKGROUND_VALUE) * masks[i].unsqueeze(1)
+            masks = normalise_per_slice(_upsample(acti[i, top[i]], size))  # (k, H, W)
+            masked = BACKGROUND_VALUE + (images[i : i + 1] - BACKGROUND_VALUE) * masks.unsqueeze(1)
             scores = [
                 F.softmax(model(masked[s : s + SCORECAM_CHUNK]).float(), dim=1)[:, POSITIVE]
-                for s in range(0, c, SCORECAM_CHUNK)
+                for s in range(0, k, SCORECAM_CHUNK)
             ]
-            weights[i] = torch.cat(scores)
+            weights[i, top[i]] = torch.cat(scores)
         maps = F.relu((weights[:, :, None, None] * acti).sum(dim=1))
     return _upsample(maps, size), logits.float()
 
 
 def cam_with_probs(
-    method: str, model: nn.Module, images: torch.Tensor, target_layers: Sequence[str]
+    method: str,
+    model: nn.Module,
+    images: torch.Tensor,
+    target_layers: Sequence[str],
+    scorecam_channels: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CAM of the positive class and the model's positive-class probability.
 
@@ -130,6 +139,8 @@ def cam_with_probs(
     target_layers
         Module names. ``layercam`` computes a map per layer (each upsampled and normalised) and fuses them by
         element-wise maximum; the other methods use exactly one layer.
+    scorecam_channels
+        Score-CAM only: score the ``scorecam_channels`` most activated channels per slice (all when None).
 
     Returns
     -------
@@ -142,7 +153,7 @@ def cam_with_probs(
         raise ValueError(f"{method} needs exactly one target layer (layercam: one or more), got {layers}")
     size = images.shape[2:]
     if method == "scorecam":
-        raw, logits = _scorecam(model, images, layers[0])
+        raw, logits = _scorecam(model, images, layers[0], scorecam_channels)
         maps = normalise_per_slice(raw)
     else:
         logits, acts, grads = _forward_with_grads(model, images, layers)

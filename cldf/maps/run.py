@@ -130,7 +130,8 @@ def run_cam(
 ) -> None:
     """CAMs (positive class) of the shard's slices with ``method``.
 
-    ``settings``: ``layers`` (target layer of gradcam/gradcampp/scorecam), ``layercam_layers``, ``batch_size``.
+    ``settings``: ``layers`` (target layer of gradcam/gradcampp/scorecam), ``layercam_layers``,
+    ``scorecam_channels``, ``batch_size``.
     Writes ``slice_ids`` int64 (N,), ``maps`` float16 (N, H, W) in [0, 1] and ``probs`` float32 (N,), the
     classifier's positive-class probability.
     """
@@ -142,7 +143,8 @@ def run_cam(
     arrays = {"slice_ids": ((), np.int64), "maps": ((size, size), np.float16), "probs": ((), np.float32)}
     with ArrayStoreWriter(out, len(ids), arrays, _map_attrs(store, method=method, layers=layers)) as w:
         for start, batch in _batches(ids, settings["batch_size"], method):
-            maps, probs = cam_with_probs(method, model, _images(store, batch, device), layers)
+            images = _images(store, batch, device)
+            maps, probs = cam_with_probs(method, model, images, layers, settings.get("scorecam_channels"))
             w.write("slice_ids", start, batch)
             w.write("maps", start, maps.cpu().numpy())
             w.write("probs", start, probs.cpu().numpy())
@@ -156,16 +158,18 @@ def run_saliency(
     cases: Sequence[int],
     out: PathLike,
     device: torch.device,
+    splits: Sequence[str] | None = None,
 ) -> None:
     """CDM saliency maps (Hu et al. 2023) of the shard's slices, for the positive class vs the null class.
 
-    ``settings``: ``noise_level``, ``ddim_steps``, ``batch_size``. Writes ``slice_ids`` int64 (N,) and ``maps``
-    float16 (N, H, W) in [0, 1]. Deterministic: DDIM encoding draws no noise, so there is no seed.
+    ``settings``: ``noise_level``, ``ddim_steps``, ``batch_size``. Only slices of ``splits`` (all when None)
+    are processed: the baseline is evaluated on the test split only. Writes ``slice_ids`` int64 (N,) and
+    ``maps`` float16 (N, H, W) in [0, 1]. Deterministic: DDIM encoding draws no noise, so there is no seed.
     """
     store = SliceStore(slices_path)
     cdm = cdm.to(device).eval()
     size = store.image_size
-    ids = store.indices(cases=list(cases))
+    ids = store.indices(split=splits, cases=list(cases))
     attrs = _map_attrs(store, noise_level=int(settings["noise_level"]), ddim_steps=int(settings["ddim_steps"]))
     with ArrayStoreWriter(out, len(ids), {"slice_ids": ((), np.int64), "maps": ((size, size), np.float16)}, attrs) as w:
         for start, batch in _batches(ids, settings["batch_size"], "cdm saliency"):

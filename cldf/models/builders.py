@@ -44,14 +44,31 @@ def _diffusion_backbone(settings: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+class PooledHead(nn.Module):
+    """Classifier head over the encoder's flattened bottleneck (B, C·h·w): global average pooling over
+    the h·w positions, then a linear layer → logits (B, n_classes).
+
+    Replaces MONAI's flatten→MLP head of ``DiffusionModelEncoder``, whose weight count grows with the
+    image area and which overfits the few hundred labelled slices of a small study.
+    """
+
+    def __init__(self, channels: int, n_classes: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.linear = nn.Linear(channels, n_classes)
+
+    def forward(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.linear(flat.view(flat.shape[0], self.channels, -1).mean(-1))
+
+
 def build_model(kind: str, settings: Mapping[str, Any], in_channels: int) -> nn.Module:
     """Build an untrained network of ``kind`` (one of :data:`MODEL_KINDS`).
 
     - ``cdm``: class-conditional DDPM UNet, ``cdm(x_t (B,C,H,W), timesteps=t (B,), class_labels=y (B,))``
       → ε̂ (B, C, H, W); labels 0 negative, 1 positive, 2 null (classifier-free guidance).
     - ``noisy_classifier``: the CDM's encoder backbone without class conditioning,
-      ``clf(x_t (B,C,H,W), timesteps=t (B,))`` → logits (B, 2). Its head is a linear layer over the
-      flattened bottleneck, so ``settings['image_size']`` (H = W) is required and fixes the input size.
+      ``clf(x_t (B,C,H,W), timesteps=t (B,))`` → logits (B, 2), with a global-average-pooling head
+      (:class:`PooledHead`). MONAI's encoder still needs ``settings['image_size']`` (H = W) to build.
     - ``cam_classifier``: 2-D ResNet-18 on clean images, (B, C, H, W) → logits (B, 2); blocks
       ``layer1`` … ``layer4`` are the CAM target layers.
     - ``fsl_unet``: fully supervised UNet, (B, C, H, W) → mask logits (B, 1, H, W).
@@ -67,9 +84,11 @@ def build_model(kind: str, settings: Mapping[str, Any], in_channels: int) -> nn.
         levels = len(settings["channels"])
         if size % (2**levels):
             raise ValueError(f"noisy_classifier: image_size {size} must be divisible by 2**{levels} (one halving per level)")
-        return DiffusionModelEncoder(
+        encoder = DiffusionModelEncoder(
             in_channels=in_channels, out_channels=2, input_shape=(size, size), **_diffusion_backbone(settings)
         )
+        encoder.out = PooledHead(int(settings["channels"][-1]), 2)
+        return encoder
     if kind == "cam_classifier":
         return resnet18(
             spatial_dims=2,

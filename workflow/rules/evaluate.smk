@@ -20,28 +20,32 @@ rule metrics:
         " --per-slice {output.per_slice} > {log} 2>&1"
 
 
+def figure_baselines(dataset):
+    """Baselines without contrastive learning, for the 'best baseline' column of the figure."""
+    rows = method_masks(dataset)
+    names = [CAM_NAMES[c] for c in CAMS] + ["MG", "CDM saliency"]
+    return {name: rows[name][0] for name in names}
+
+
 rule figure:
     input:
         slices=SLICES,
-        panels=lambda w: figure_panels(w.dataset).values(),
+        cam=f"{R}/{{dataset}}/cams/{config['cldf']['cam']}.zarr",
+        mg=f"{R}/{{dataset}}/mean_gradient.zarr",
+        cldf=f"{R}/{{dataset}}/cldf/{config['cldf']['cam']}/masks.zarr",
+        metrics=f"{R}/{{dataset}}/metrics.csv",
+        baselines=lambda w: figure_baselines(w.dataset).values(),
     output:
         report(f"{R}/{{dataset}}/figure.png", caption="../report/figure.rst", category="Results"),
     params:
-        panels=lambda w: as_json(figure_panels(w.dataset)),
+        baselines=lambda w: as_json(figure_baselines(w.dataset)),
+        selection=as_json(config["cldf"]["selection"]),
     log:
         f"{R}/logs/{{dataset}}/figure.log",
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "cldf figure --slices {input.slices} --panels {params.panels:q} --out {output} > {log} 2>&1"
-
-
-def figure_panels(dataset):
-    cam = config["cldf"]["cam"]
-    return {
-        "cam": f"{R}/{dataset}/cams/{cam}.zarr",
-        "mg": f"{R}/{dataset}/mean_gradient.zarr",
-        "cldf": f"{R}/{dataset}/cldf/{cam}/masks.zarr",
-        "baseline": f"{R}/{dataset}/baselines/mean_gradient/masks.zarr",
-    }
+        "cldf figure --slices {input.slices} --cam {input.cam} --mg {input.mg} --cldf {input.cldf}"
+        " --metrics {input.metrics} --baselines {params.baselines:q} --selection {params.selection:q}"
+        " --out {output} > {log} 2>&1"

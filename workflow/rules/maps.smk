@@ -99,10 +99,16 @@ rule saliency_shard:
         " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
 
 
+def gather_map_input(wildcards):
+    """Every shard of a map; the saliency baseline is only computed for shards holding test cases."""
+    shards = test_shards(wildcards.dataset) if wildcards.map == "saliency" else range(n_shards(wildcards.dataset))
+    return [f"{R}/{wildcards.dataset}/shards/{wildcards.map}/{k}.zarr" for k in shards]
+
+
 rule gather_map:
     """Gather the shards of one map kind into a single store (streamed, row by row)."""
     input:
-        lambda w: shard_paths(f"{{R}}/{{dataset}}/shards/{w.map}/{{shard}}.zarr", w.dataset),
+        gather_map_input,
     output:
         directory(f"{R}/{{dataset}}/{{map}}.zarr"),
     wildcard_constraints:

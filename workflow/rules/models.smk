@@ -14,7 +14,7 @@ rule train_model:
         f"{R}/logs/{{dataset}}/train_{{kind}}.log",
     benchmark:
         f"{R}/benchmarks/{{dataset}}/train_{{kind}}.tsv"
-    threads: 2
+    threads: TRAIN_THREADS
     resources:
         mem_mb=8000,
         runtime=lambda w: 1440 if config["model_preset"] == "paper" else 60,
@@ -32,7 +32,7 @@ rule cdm_samples:
         f"{R}/{{dataset}}/models/cdm_samples.png",
     log:
         f"{R}/logs/{{dataset}}/cdm_samples.log",
-    threads: 2
+    threads: TRAIN_THREADS
     resources:
         mem_mb=4000,
         runtime=30,

@@ -27,7 +27,7 @@ for _mode, _sub in SELECTION_DIRS.items():
             f"{R}/logs/{{dataset}}/cldf/{{cam}}/{_sub}decoder.log",
         benchmark:
             f"{R}/benchmarks/{{dataset}}/cldf/{{cam}}/{_sub}decoder.tsv"
-        threads: 2
+        threads: TRAIN_THREADS
         resources:
             mem_mb=6000,
             runtime=60,
