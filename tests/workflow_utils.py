@@ -70,8 +70,10 @@ def planned_jobs(config: Path, args: list[str] | None = None) -> Counter:
     """Rule name → number of jobs that a dry run plans."""
     res = run_snakemake(config, ["-n", *(args or [])])
     jobs: Counter = Counter()
-    for line in (res.stdout + res.stderr).splitlines():
+    for line in (res.stdout + res.stderr).splitlines():  # the job-stats table (printed twice: read it once)
         m = re.match(r"^\s*(\w+)\s+(\d+)\s*$", line)
-        if m and m.group(1) != "total":
+        if m and m.group(1) == "total":
+            break
+        if m:
             jobs[m.group(1)] += int(m.group(2))
     return jobs
