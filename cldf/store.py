@@ -53,9 +53,18 @@ def _tmp_path(path: Path) -> Path:
 
 def _check_writable(path: Path) -> None:
     parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StoreError(f"cannot write {path}: {err}") from err
     if not os.access(parent, os.W_OK):
         raise StoreError(f"cannot write {path}: directory {parent} is not writable")
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Remove temporary stores of ``path`` left by a killed writer (one writer per output at a time)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 class ArrayStoreWriter:
@@ -93,6 +102,7 @@ class ArrayStoreWriter:
 
     def __enter__(self) -> "ArrayStoreWriter":
         _check_writable(self.path)
+        _remove_stale_tmp(self.path)
         try:
             self._group = zarr.open_group(str(self._tmp), mode="w")
             for name, (tail, dtype) in self._specs.items():

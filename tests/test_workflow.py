@@ -74,3 +74,26 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert res.stderr.strip().startswith("cldf gather: error:")
     assert "Traceback" not in res.stderr
+
+
+def test_slurm_profile_plans_shard_jobs_with_their_resources(tmp_path: Path) -> None:
+    """Dry run through snakemake-executor-plugin-slurm: nothing is submitted."""
+    cfg = tiny_config(tmp_path, {"train_gpus": 2, "device": "cuda"})  # the submit host needs no GPU
+    res = run_snakemake(cfg, ["-n", "-p", "--workflow-profile", "none", "--profile", str(REPO / "profiles/slurm")], quiet=False)
+    text = res.stdout + res.stderr
+    resources: dict[str, list[str]] = {}
+    rule = None
+    for line in text.splitlines():
+        if line.startswith("rule "):
+            rule = line[5:].rstrip(":")
+        elif line.strip().startswith("resources:") and rule:
+            resources.setdefault(rule, []).append(line)
+    assert len(resources["features_shard"]) == len(resources["slices_shard"]) >= 2  # one job per shard
+    assert len(resources["cam_shard"]) == 4 * len(resources["features_shard"])
+    for line in resources["train_model"]:
+        assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=2" in line and "cpus_per_task=8" in line
+    for line in resources["features_shard"] + resources["gradient_shard"]:
+        assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=1" in line
+    for line in resources["slices_shard"]:
+        assert "slurm_partition=CHANGE_ME_cpu_partition" in line and "mem_mb=4000" in line
+    assert "torchrun --standalone --nproc_per_node 2 -m cldf.cli train" in text

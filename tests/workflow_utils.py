@@ -52,13 +52,15 @@ def tiny_config(tmp_path: Path, overrides: Mapping[str, Any] | None = None, base
     return path
 
 
-def run_snakemake(config: Path, args: list[str], check: bool = True, timeout: int = 1500) -> subprocess.CompletedProcess:
+def run_snakemake(
+    config: Path, args: list[str], check: bool = True, timeout: int = 1500, quiet: bool = True
+) -> subprocess.CompletedProcess:
     """Run the workflow with the directory holding ``config/config.yaml`` as working directory."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     workdir = config.parent.parent
     res = subprocess.run(
         [*SNAKEMAKE, "--snakefile", str(REPO / "workflow" / "Snakefile"), "--directory", str(workdir),
-         "--configfile", str(config), "--quiet", "rules", *args],
+         "--configfile", str(config), *(["--quiet", "rules"] if quiet else []), *args],
         cwd=workdir, capture_output=True, text=True, env=env, timeout=timeout,
     )
     if check and res.returncode != 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -91,6 +91,7 @@ def train_decoder(
     out: str | os.PathLike,
     device: torch.device,
     seed: int,
+    cases: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Train the pixel decoder on the training slices (labels 0/1) and save it with its prototypes.
 
@@ -111,6 +112,8 @@ def train_decoder(
         Device of the decoder and of the per-batch features.
     seed
         Seeds the initialisation, the slice order of every epoch and the pixel sampling.
+    cases
+        Restrict training to the slices of these case indices (all training cases when None).
 
     Each epoch visits the training slices in a seeded random order in batches of ``batch_size`` slices,
     selects pixels (:func:`select_pixels`), samples at most ``max_foreground`` foreground and
@@ -131,7 +134,7 @@ def train_decoder(
     slices = SliceStore(slices_path)
     cam = MapStore(cam_path) if selection["mode"] in ("fused", "cam") else None
     mg = MapStore(mg_path) if selection["mode"] in ("fused", "mg") else None
-    ids = slices.indices(split="train", labels=[0, 1])
+    ids = slices.indices(split="train", labels=[0, 1], cases=cases)
     if len(ids) == 0:
         raise ValueError(f"{slices_path} has no training slice with label 0 or 1")
 

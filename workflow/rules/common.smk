@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 from snakemake.exceptions import WorkflowError
 
@@ -28,6 +29,10 @@ if config["cldf"]["cam"] not in CAMS:
     )
 MODEL_KINDS = ["cdm", "noisy_classifier", "cam_classifier", "fsl_unet"]
 DEVICE = config["device"]
+# Jobs that use the GPU declare `gpu: GPU`; the local profile caps the resource at 1 so GPU jobs run one
+# at a time. On a machine without a GPU nothing is serialised.
+USES_CUDA = DEVICE.startswith("cuda") or (DEVICE == "auto" and shutil.which("nvidia-smi") is not None)
+GPU = 1 if USES_CUDA else 0
 # On the CPU preset one thread per job and jobs side by side beat multi-threaded jobs one after the
 # other (measured on 2 cores); the paper preset's data loading and GPU jobs get more.
 TRAIN_THREADS = 1 if config["model_preset"] == "cpu" else 4

@@ -23,7 +23,7 @@ rule features_shard:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=1,
+        gpu=GPU,
     shell:
         "cldf features --slices {input.slices} --cdm {input.cdm} --settings {params.settings:q}"
         " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
@@ -46,7 +46,7 @@ rule gradient_shard:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=1,
+        gpu=GPU,
     shell:
         "cldf gradient --slices {input.slices} --classifier {input.classifier} --settings {params.settings:q}"
         " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
@@ -69,7 +69,7 @@ rule cam_shard:
     resources:
         mem_mb=4000,
         runtime=60,
-        gpu=1,
+        gpu=GPU,
     shell:
         "cldf cam --slices {input.slices} --classifier {input.classifier} --method {wildcards.cam}"
         " --settings {params.settings:q} --cases {params.cases} --out {output} --device {DEVICE}"
@@ -93,7 +93,7 @@ rule saliency_shard:
     resources:
         mem_mb=4000,
         runtime=120,
-        gpu=1,
+        gpu=GPU,
     shell:
         "cldf saliency --slices {input.slices} --cdm {input.cdm} --settings {params.settings:q}"
         " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"

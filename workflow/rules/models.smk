@@ -1,6 +1,14 @@
 # The three networks CLDF needs, plus the fully supervised upper bound (comparison only).
 
 
+# One process per GPU under torchrun when a training job gets several GPUs (DistributedDataParallel).
+TRAIN_LAUNCHER = (
+    f"torchrun --standalone --nproc_per_node {config['train_gpus']} -m cldf.cli"
+    if config["train_gpus"] > 1
+    else "cldf"
+)
+
+
 rule train_model:
     """Train one model on the training split (image-level labels; masks only for fsl_unet)."""
     input:
@@ -8,19 +16,20 @@ rule train_model:
     output:
         model=f"{R}/{{dataset}}/models/{{kind}}.pt",
         metrics=f"{R}/{{dataset}}/models/{{kind}}.json",
-    params:
-        settings=lambda w: as_json(model_settings(config, w.kind)),
     log:
         f"{R}/logs/{{dataset}}/train_{{kind}}.log",
     benchmark:
         f"{R}/benchmarks/{{dataset}}/train_{{kind}}.tsv"
     threads: TRAIN_THREADS
+    params:
+        settings=lambda w: as_json(model_settings(config, w.kind)),
+        launcher=TRAIN_LAUNCHER,
     resources:
         mem_mb=8000,
         runtime=lambda w: 1440 if config["model_preset"] == "paper" else 60,
-        gpu=1,
+        gpu=GPU * config["train_gpus"],
     shell:
-        "cldf train --kind {wildcards.kind} --slices {input} --settings {params.settings:q} --out {output.model}"
+        "{params.launcher} train --kind {wildcards.kind} --slices {input} --settings {params.settings:q} --out {output.model}"
         " --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
 
 
@@ -36,6 +45,6 @@ rule cdm_samples:
     resources:
         mem_mb=4000,
         runtime=30,
-        gpu=1,
+        gpu=GPU,
     shell:
         "cldf samples --cdm {input} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"

@@ -31,7 +31,7 @@ for _mode, _sub in SELECTION_DIRS.items():
         resources:
             mem_mb=6000,
             runtime=60,
-            gpu=1,
+            gpu=GPU,
         shell:
             "cldf decoder --slices {input.slices} --features {input.features} --cam {input.cam} --mg {input.mg}"
             " --settings {params.settings:q} --out {output} --device {DEVICE} --seed {SEED} --threads {threads}"
@@ -120,7 +120,7 @@ rule fsl_masks:
     resources:
         mem_mb=4000,
         runtime=30,
-        gpu=1,
+        gpu=GPU,
     shell:
         "cldf predict-fsl --slices {input.slices} --model {input.model} --out {output} --device {DEVICE}"
         " --threads {threads} > {log} 2>&1"
