@@ -9,11 +9,10 @@ BIN := $(VENV)/bin
 # requirement would pull a multi-GB CUDA build. Set TORCH_SPEC to override.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: setup demo test test-fast test-slow brats18 clean
+.PHONY: setup demo test test-slow brats18 clean
 
 $(BIN)/cldf: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
@@ -31,7 +30,7 @@ test-slow: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m slow --run-slow
 
 brats18: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) results/brats18_shared/metrics.csv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/brats18_shared.yaml results/brats18_shared/metrics.csv
 
 clean:
 	rm -rf results .snakemake

@@ -73,7 +73,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_samples(args: argparse.Namespace) -> None:
     from cldf.models.sample import save_sample_grid
 
-    stats = save_sample_grid(args.cdm, args.out, args.n_per_class, _device(args), args.seed)
+    stats = save_sample_grid(args.cdm, args.out, args.n_per_class, _device(args), args.seed,
+                             guidance_scale=args.guidance)
     LOG.info("sample statistics: %s", stats)
 
 
@@ -224,7 +225,8 @@ COMMANDS: dict[str, tuple[str, Command]] = {
         (("--kind",), {"required": True, "choices": ["cdm", "noisy_classifier", "cam_classifier", "fsl_unet"]}),
         _SLICES, _SETTINGS, _OUT])),
     "samples": ("class-conditional CDM samples as a PNG grid", (cmd_samples, [
-        (("--cdm",), {"required": True}), (("--n-per-class",), {"type": int, "default": 8}), _OUT])),
+        (("--cdm",), {"required": True}), (("--n-per-class",), {"type": int, "default": 8}),
+        (("--guidance",), {"type": float, "default": 3.0, "help": "classifier-free guidance scale"}), _OUT])),
     "predict-fsl": ("masks of the fully supervised UNet on the test split", (cmd_predict_fsl, [
         _SLICES, (("--model",), {"required": True}), _OUT])),
     "features": ("diffusion features of one shard", (cmd_features, [

@@ -68,12 +68,15 @@ def save_sample_grid(
     device: torch.device,
     seed: int,
     steps: int = 50,
+    guidance_scale: float = 3.0,
 ) -> dict[str, Any]:
     """Sample ``n_per_class`` images per class from the CDM at ``cdm_path`` and write a PNG grid.
 
     Row 0: y = 0 (negative), row 1: y = 1 (positive); the FLAIR channel (or the first channel when
-    there is no FLAIR). Returns ``{"bright_fraction_y0", "bright_fraction_y1", "channel", ...}``: the mean
-    fraction of pixels above :data:`BRIGHT_LEVEL` per class (positives should have more).
+    there is no FLAIR). Both rows start from the same noise (paired samples) and use classifier-free
+    guidance with ``guidance_scale`` (the CDM is trained with label dropout to the null class).
+    Returns ``{"bright_fraction_y0", "bright_fraction_y1", "channel", ...}``: the mean fraction of pixels
+    above :data:`BRIGHT_LEVEL` per class (positives should have more).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -85,10 +88,12 @@ def save_sample_grid(
     scheduler = build_scheduler(payload["settings"])
     modalities = [m.lower() for m in payload.get("modalities", [])]
     channel = modalities.index("flair") if "flair" in modalities else 0
-    generator = torch.Generator(device).manual_seed(seed)
     size, channels = int(payload["settings"]["image_size"]), int(payload["in_channels"])
-    rows = [sample_images(cdm, scheduler, n_per_class, y, size, channels, generator, steps)[:, channel].cpu().numpy()
-            for y in (0, 1)]
+    rows = [
+        sample_images(cdm, scheduler, n_per_class, y, size, channels, torch.Generator(device).manual_seed(seed),
+                      steps, guidance_scale)[:, channel].cpu().numpy()
+        for y in (0, 1)
+    ]
     fig = Figure(figsize=(1.2 * n_per_class, 2.6))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, n_per_class, squeeze=False)
@@ -108,6 +113,7 @@ def save_sample_grid(
         "channel": modalities[channel] if modalities else channel,
         "n_per_class": n_per_class,
         "steps": steps,
+        "guidance_scale": guidance_scale,
         "bright_level": BRIGHT_LEVEL,
         "bright_fraction_y0": float((rows[0] > BRIGHT_LEVEL).mean()),
         "bright_fraction_y1": float((rows[1] > BRIGHT_LEVEL).mean()),
