@@ -42,11 +42,11 @@ def write_config(workdir: Path, overrides: dict) -> Path:
 
 
 def snakemake(workdir: Path, config: Path, target: str, cores: int) -> float:
-    """Run the workflow to ``target``; return wall seconds."""
+    """Run the workflow to ``target`` (``config`` merged over the workdir's config); return wall seconds."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-                    "--configfile", str(config), "--cores", str(cores), "--quiet", "rules", target],
+                    "--configfile", str(config), "--cores", str(cores), target, "--quiet", "rules"],
                    check=True, env=env, cwd=workdir)
     return time.perf_counter() - start
 
@@ -124,7 +124,7 @@ def storage(results: Path) -> dict[str, float]:
 
 
 MEMORY_PROBE = """
-import json, resource, sys, torch
+import json, sys, torch
 from pathlib import Path
 from cldf.segment.cluster import run_segmentation
 from cldf.segment.train import train_decoder
@@ -136,11 +136,12 @@ if step == "decoder":
 else:
     run_segmentation(res / "slices.zarr", res / "features.zarr", settings.pop("decoder"), cam, settings, cases, None,
                      out, torch.device("cpu"), 0)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak
+print(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024)
 """
 
 
-def memory_scaling(results: Path, cfg: dict, workdir: Path) -> dict[str, float]:
+def memory_scaling(results: Path, cfg: dict, scratch: Path) -> dict[str, float]:
     """Peak RSS (MB) of decoder training and segmentation on 1/4, 1/2 and all of the cases."""
     n_cases = len(SliceStore(results / "slices.zarr").attrs["case_ids"])
     cl = cfg["cldf"]
@@ -149,34 +150,43 @@ def memory_scaling(results: Path, cfg: dict, workdir: Path) -> dict[str, float]:
         cases = list(range(max(1, int(round(n_cases * frac)))))
         dec = {"cam": cl["cam"], "selection": cl["selection"], "decoder": cl["decoder"]}
         seg = {"cam": cl["cam"], **cl["cluster"], "decoder": str(results / f"cldf/{cl['cam']}/decoder.pt")}
-        for step, settings, target in (("decoder", dec, workdir / f"probe_{tag}.pt"),
-                                       ("segment", seg, workdir / f"probe_{tag}.zarr")):
+        for step, settings, target in (("decoder", dec, scratch / f"probe_{tag}.pt"),
+                                       ("segment", seg, scratch / f"probe_{tag}.zarr")):
             res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, step, str(results), json.dumps(cases),
                                   json.dumps(settings), str(target)], capture_output=True, text=True, check=True)
             out[f"{step}_peak_rss_mb_{tag}_slices"] = float(res.stdout.strip().splitlines()[-1])
     return out
 
 
-def bench_dataset(dataset: str, cores: int, root: Path) -> tuple[list[dict], pd.DataFrame]:
-    workdir = root / dataset
-    overrides = {"default_dataset": dataset}
-    if dataset == "brats18_shared":
-        overrides["datasets"] = {dataset: {"root": str((REPO.parent / "shared/data/brats18").resolve())}}
-    config = write_config(workdir, overrides)
+def bench_dataset(
+    dataset: str, cores: int, root: Path, reuse: Path | None, full_run_s: float | None
+) -> tuple[list[dict], pd.DataFrame]:
+    """Measure one dataset; with ``reuse``, take that finished working directory instead of a fresh run."""
+    if reuse is None:
+        workdir = root / dataset
+        overrides = {"default_dataset": dataset}
+        if dataset == "brats18_shared":
+            overrides["datasets"] = {dataset: {"root": str((REPO.parent / "shared/data/brats18").resolve())}}
+        config = write_config(workdir, overrides)
+        full_run_s = snakemake(workdir, config, f"results/{dataset}/metrics.csv", cores)
+    else:
+        workdir = reuse
+        config = workdir / "config" / "config.yaml"
     cfg = yaml.safe_load(config.read_text())
-    results = workdir / "results" / dataset
-    target = f"results/{dataset}/metrics.csv"
-    full = snakemake(workdir, config, target, cores)
+    results = workdir / cfg["results_dir"] / dataset
+    target = f"{cfg['results_dir']}/{dataset}/metrics.csv"
     other = next(c for c in cfg["cams"]["methods"] if c != cfg["cldf"]["cam"])
-    switched = write_config(workdir, {**overrides, "cldf": {"cam": other}})
+    switched = root / f"{dataset}_switched_cam.yaml"
+    switched.parent.mkdir(parents=True, exist_ok=True)
+    switched.write_text(yaml.safe_dump({"cldf": {"cam": other}}))
     rerun = snakemake(workdir, switched, target, cores)
-    write_config(workdir, overrides)
-    rows = [{"dataset": dataset, "metric": "full_run_s", "value": full},
-            {"dataset": dataset, "metric": "cam_switch_rerun_s", "value": rerun},
-            {"dataset": dataset, "metric": "cam_switch_rerun_fraction", "value": rerun / full}]
-    for source in (throughput(results, cfg), storage(results), memory_scaling(results, cfg, workdir)):
+    rows = [{"dataset": dataset, "metric": "cam_switch_rerun_s", "value": rerun}]
+    if full_run_s:
+        rows += [{"dataset": dataset, "metric": "full_run_s", "value": full_run_s},
+                 {"dataset": dataset, "metric": "cam_switch_rerun_fraction", "value": rerun / full_run_s}]
+    for source in (throughput(results, cfg), storage(results), memory_scaling(results, cfg, root)):
         rows += [{"dataset": dataset, "metric": k, "value": v} for k, v in source.items()]
-    return rows, rule_benchmarks(workdir / "results")
+    return rows, rule_benchmarks(workdir / cfg["results_dir"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,14 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", action="append", help="synthetic (default) and/or brats18_shared")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "work")
+    parser.add_argument("--reuse", type=Path, help="a finished working directory to measure instead of a fresh run")
+    parser.add_argument("--full-run-seconds", type=float, help="with --reuse: the measured wall time of its full run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     datasets = args.dataset or ["synthetic"]
-    rows, rules = [], []
+    rows = []
     for ds in datasets:
-        r, table = bench_dataset(ds, args.cores, args.workdir)
+        r, table = bench_dataset(ds, args.cores, args.workdir, args.reuse, args.full_run_seconds)
         rows += r
-        rules.append(table.assign(dataset=ds).reset_index())
         for rule, rec in table.iterrows():
             rows += [{"dataset": ds, "metric": f"rule:{rule}:wall_s", "value": rec.wall_s},
                      {"dataset": ds, "metric": f"rule:{rule}:max_rss_mb", "value": rec.max_rss_mb}]
