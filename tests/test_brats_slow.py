@@ -52,4 +52,4 @@ def test_cdm_samples_differ_by_class(brats_slices: Path, tmp_path: Path) -> None
     stats = save_sample_grid(tmp_path / "cdm.pt", tmp_path / "samples.png", 8, CPU, 0)
     print(stats)
     assert (tmp_path / "samples.png").stat().st_size > 0
-    assert stats["flair_hyperintense_fraction_y1"] > stats["flair_hyperintense_fraction_y0"]
+    assert stats["bright_fraction_y1"] > stats["bright_fraction_y0"]
