@@ -129,13 +129,13 @@ from pathlib import Path
 from cldf.segment.cluster import run_segmentation
 from cldf.segment.train import train_decoder
 step, res, cases, settings, out = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5]
-cam = res / "cams" / (settings.pop("cam") + ".zarr")
 if step == "decoder":
+    cam = res / "cams" / (settings.pop("cam") + ".zarr")
     train_decoder(res / "slices.zarr", res / "features.zarr", cam, res / "mean_gradient.zarr", settings, Path(out),
                   torch.device("cpu"), 0, cases=cases)
 else:
-    run_segmentation(res / "slices.zarr", res / "features.zarr", settings.pop("decoder"), cam, settings, cases, None,
-                     out, torch.device("cpu"), 0)
+    run_segmentation(res / "slices.zarr", res / "features.zarr", settings.pop("decoder"),
+                     res / "classifier_probs.zarr", settings, cases, None, out, torch.device("cpu"), 0)
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's peak
 print(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024)
 """
@@ -149,7 +149,7 @@ def memory_scaling(results: Path, cfg: dict, scratch: Path) -> dict[str, float]:
     for frac, tag in ((0.25, "1x"), (0.5, "2x"), (1.0, "4x")):
         cases = list(range(max(1, int(round(n_cases * frac)))))
         dec = {"cam": cl["cam"], "selection": cl["selection"], "decoder": cl["decoder"]}
-        seg = {"cam": cl["cam"], **cl["cluster"], "decoder": str(results / f"cldf/{cl['cam']}/decoder.pt")}
+        seg = {**cl["cluster"], "decoder": str(results / f"cldf/{cl['cam']}/decoder.pt")}
         for step, settings, target in (("decoder", dec, scratch / f"probe_{tag}.pt"),
                                        ("segment", seg, scratch / f"probe_{tag}.zarr")):
             res = subprocess.run([sys.executable, "-c", MEMORY_PROBE, step, str(results), json.dumps(cases),

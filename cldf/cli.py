@@ -116,6 +116,15 @@ def cmd_cam(args: argparse.Namespace) -> None:
     run_cam(args.slices, model, args.method, args.settings, args.cases, args.out, device)
 
 
+def cmd_probs(args: argparse.Namespace) -> None:
+    from cldf.maps.run import run_classifier_probs
+    from cldf.models.checkpoint import load_model
+
+    device = _device(args)
+    model = load_model(args.classifier, device)
+    run_classifier_probs(args.slices, model, args.settings["batch_size"], args.cases, args.out, device)
+
+
 def cmd_saliency(args: argparse.Namespace) -> None:
     from cldf.maps.run import run_saliency
     from cldf.models.builders import build_scheduler
@@ -148,7 +157,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
     from cldf.segment.cluster import run_segmentation
 
     run_segmentation(
-        args.slices, args.features, args.decoder, args.cam, args.settings, args.cases, ["test"], args.out,
+        args.slices, args.features, args.decoder, args.probs, args.settings, args.cases, ["test"], args.out,
         _device(args), args.seed,
     )
 
@@ -236,16 +245,19 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "cam": ("CAMs of one shard", (cmd_cam, [
         _SLICES, (("--classifier",), {"required": True}), (("--method",), {"required": True}), _SETTINGS,
         _CASES, _OUT])),
+    "probs": ("the CAM classifier's positive-class probabilities of one shard", (cmd_probs, [
+        _SLICES, (("--classifier",), {"required": True}), _SETTINGS, _CASES, _OUT])),
     "saliency": ("CDM saliency baseline maps of one shard", (cmd_saliency, [
         _SLICES, (("--cdm",), {"required": True}), _SETTINGS, _CASES, _OUT])),
     "gather": ("gather row-aligned shard stores", (cmd_gather, [
         (("--shards",), {"nargs": "+", "required": True}), _OUT])),
     "decoder": ("train the contrastive pixel decoder", (cmd_decoder, [
-        _SLICES, (("--features",), {"required": True}), (("--cam",), {"required": True}),
-        (("--mg",), {"required": True}), _SETTINGS, _OUT])),
+        _SLICES, (("--features",), {"required": True}),
+        (("--cam",), {"default": None, "help": "CAM store (selection modes fused and cam)"}),
+        (("--mg",), {"default": None, "help": "mean-gradient store (selection modes fused and mg)"}), _SETTINGS, _OUT])),
     "segment": ("K-means masks of the test slices of one shard", (cmd_segment, [
         _SLICES, (("--features",), {"required": True}), (("--decoder",), {"required": True}),
-        (("--cam",), {"required": True}), _SETTINGS, _CASES, _OUT])),
+        (("--probs",), {"default": None, "help": "classifier probabilities (gate)"}), _SETTINGS, _CASES, _OUT])),
     "baseline": ("threshold a map store into test masks", (cmd_baseline, [
         _SLICES, (("--map",), {"required": True}), (("--probs",), {"default": None}), _OUT])),
     "nifti": ("write masks back as NIfTI in each case's original geometry", (cmd_nifti, [

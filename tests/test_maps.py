@@ -16,14 +16,15 @@ from monai.visualize import GradCAM, GradCAMpp
 from torch.nn import functional as F
 
 from cldf.maps import (
-    cam_with_probs,
     cdm_saliency,
     compute_cam,
     extract_features,
     feature_noise,
     mean_gradient,
     normalise_per_slice,
+    positive_probability,
     run_cam,
+    run_classifier_probs,
     run_features,
     run_gradient,
     run_saliency,
@@ -210,11 +211,9 @@ def test_mean_gradient_range_determinism_per_sample_and_reference(scheduler):
 def test_cam_shapes_ranges_batch_invariance_hooks_and_grads(method, layers):
     model = _resnet().eval()  # trainable parameters must not accumulate gradients
     x = _images(4, seed=1)
-    maps, probs = cam_with_probs(method, model, x, layers)
+    maps = compute_cam(method, model, x, layers)
     assert maps.shape == (4, H, H) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
-    assert probs.shape == (4,) and torch.all((probs >= 0) & (probs <= 1))
-    torch.testing.assert_close(probs, F.softmax(model(x), dim=1)[:, 1])
     per_sample = torch.cat([compute_cam(method, model, x[i : i + 1], layers) for i in range(4)])
     torch.testing.assert_close(maps, per_sample, atol=1e-4, rtol=1e-4)
     assert _no_hooks(model)
@@ -322,13 +321,19 @@ def test_run_gradient_cam_saliency_stores(slices_path, scheduler, tmp_path):
     model = _freeze(_resnet())
     run_cam(slices_path, model, "layercam", cam_settings, [0, 1, 2], tmp_path / "cam.zarr", dev)
     cam = open_store(tmp_path / "cam.zarr")
-    assert cam["maps"].shape == (12, H, H) and cam["probs"].dtype == np.float32
+    assert cam["maps"].shape == (12, H, H) and sorted(cam.array_keys()) == ["maps", "slice_ids"]
     assert cam.attrs["layers"] == ["layer3", "layer4"]
     expected = compute_cam("layercam", model, torch.from_numpy(np.asarray(
         zarr.open_group(slices_path, mode="r")["images"][:], dtype=np.float32)), ["layer3", "layer4"])
     np.testing.assert_allclose(cam["maps"][:].astype(np.float32), expected.numpy(), atol=1e-3)
     run_cam(slices_path, model, "gradcam", cam_settings, [], tmp_path / "cam0.zarr", dev)
-    assert open_store(tmp_path / "cam0.zarr")["probs"].shape == (0,)
+    assert open_store(tmp_path / "cam0.zarr")["maps"].shape == (0, H, H)
+    run_classifier_probs(slices_path, model, 5, [1, 2], tmp_path / "probs.zarr", dev)
+    probs = open_store(tmp_path / "probs.zarr")
+    images = torch.from_numpy(np.asarray(zarr.open_group(slices_path, mode="r")["images"][4:12], dtype=np.float32))
+    assert probs["slice_ids"][:].tolist() == list(range(4, 12)) and probs["probs"].dtype == np.float32
+    np.testing.assert_allclose(probs["probs"][:], F.softmax(model(images), dim=1)[:, 1].detach().numpy(), atol=1e-5)
+    torch.testing.assert_close(positive_probability(model, images), F.softmax(model(images), dim=1)[:, 1].detach())
     run_saliency(slices_path, _cdm(), scheduler, {"noise_level": 50, "ddim_steps": 2, "batch_size": 4}, [0],
                  tmp_path / "sal.zarr", dev)
     sal = open_store(tmp_path / "sal.zarr")

@@ -201,7 +201,7 @@ def _make_toy(root: Path) -> dict:
         full[i, 2] += 2.0 * b
     ids = np.arange(n, dtype=np.int64)
     split_code = np.array([SPLITS.index(s) for s in split_names], dtype=np.uint8)
-    paths = {name: root / f"{name}.zarr" for name in ("slices", "features", "cam", "mg")}
+    paths = {name: root / f"{name}.zarr" for name in ("slices", "features", "cam", "mg", "probs")}
     slice_arrays = {
         "images": ((1, SIZE, SIZE), np.float16),
         "body": ((SIZE, SIZE), np.uint8),
@@ -233,14 +233,12 @@ def _make_toy(root: Path) -> dict:
         w.write("layer_1", 0, full[order])
     probs = np.where(labels == 1, 0.9, 0.1).astype(np.float32)
     for name, maps in (("cam", cam), ("mg", mg)):
-        arrays = {"slice_ids": ((), np.int64), "maps": ((SIZE, SIZE), np.float16)}
-        if name == "cam":
-            arrays["probs"] = ((), np.float32)
-        with ArrayStoreWriter(paths[name], n, arrays) as w:
+        with ArrayStoreWriter(paths[name], n, {"slice_ids": ((), np.int64), "maps": ((SIZE, SIZE), np.float16)}) as w:
             w.write("slice_ids", 0, ids)
             w.write("maps", 0, maps)
-            if name == "cam":
-                w.write("probs", 0, probs)
+    with ArrayStoreWriter(paths["probs"], n, {"slice_ids": ((), np.int64), "probs": ((), np.float32)}) as w:
+        w.write("slice_ids", 0, ids)
+        w.write("probs", 0, probs)
     split = np.array(split_names)
     return {"paths": paths, "truth": truth, "body": body, "cam": cam, "labels": labels, "split": split, "low": low}
 
@@ -265,7 +263,7 @@ def toy(tmp_path_factory) -> dict:
     data["decoder"] = root / "decoder.pt"
     data["stats"] = train_decoder(p["slices"], p["features"], p["cam"], p["mg"], SETTINGS, data["decoder"], cpu, seed=3)
     run_segmentation(
-        p["slices"], p["features"], data["decoder"], p["cam"], CLUSTER, None, ["test"], root / "masks.zarr", cpu, seed=3
+        p["slices"], p["features"], data["decoder"], p["probs"], CLUSTER, None, ["test"], root / "masks.zarr", cpu, seed=3
     )
     data["masks"] = root / "masks.zarr"
     data["root"] = root
@@ -325,7 +323,7 @@ def test_same_seed_same_decoder_and_masks(toy):
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
     run_segmentation(
-        p["slices"], p["features"], root / "again.pt", p["cam"], CLUSTER, None, ["test"], root / "again.zarr", cpu, seed=3
+        p["slices"], p["features"], root / "again.pt", p["probs"], CLUSTER, None, ["test"], root / "again.zarr", cpu, seed=3
     )
     ids = MapStore(toy["masks"]).slice_ids
     assert np.array_equal(MapStore(toy["masks"]).read("masks", ids), MapStore(root / "again.zarr").read("masks", ids))

@@ -18,7 +18,7 @@ def test_dry_run_of_default_target_plans_every_stage(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     jobs = planned_jobs(cfg)
     for rule in ["phantom", "slices_shard", "slices", "train_model", "features_shard", "gradient_shard",
-                 "cam_shard", "saliency_shard", "gather_map", "decoder_fused", "segment_shard_fused",
+                 "cam_shard", "probs_shard", "saliency_shard", "gather_map", "decoder_fused", "segment_shard_fused",
                  "masks_fused", "decoder_cam", "decoder_mg", "baseline_masks", "fsl_masks", "nifti",
                  "metrics", "figure", "cdm_samples"]:
         assert jobs.get(rule, 0) >= 1, f"rule {rule} missing from the plan: {jobs}"
@@ -92,7 +92,8 @@ def test_slurm_profile_plans_shard_jobs_with_their_resources(tmp_path: Path) -> 
     assert len(resources["cam_shard"]) == 4 * len(resources["features_shard"])
     for line in resources["train_model"]:
         assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=2" in line and "cpus_per_task=8" in line
-    for line in resources["features_shard"] + resources["gradient_shard"]:
+    gpu_rules = ["features_shard", "gradient_shard", "cam_shard", "probs_shard", "decoder_fused", "fsl_masks"]
+    for line in sum((resources[r] for r in gpu_rules), []):
         assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=1" in line
     for line in resources["slices_shard"]:
         assert "slurm_partition=CHANGE_ME_cpu_partition" in line and "mem_mb=4000" in line

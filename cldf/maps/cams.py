@@ -47,10 +47,10 @@ def _upsample(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(maps.unsqueeze(1), size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
 
 
-def _forward_with_grads(
+def _activations_and_grads(
     model: nn.Module, images: torch.Tensor, layers: Sequence[str]
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Logits (B, K), activations and gradients of the positive logit for each layer (B, C_k, h_k, w_k).
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Activations and gradients of the positive logit for each layer (B, C_k, h_k, w_k).
 
     The input is made to require grad so that the graph exists even when every parameter is frozen.
     """
@@ -58,7 +58,7 @@ def _forward_with_grads(
         logits = model(images.detach().requires_grad_(True))
         feats = [acts[n] for n in layers]
         grads = torch.autograd.grad(logits[:, POSITIVE].sum(), feats)
-    return logits.detach(), [a.detach() for a in feats], [g.detach() for g in grads]
+    return [a.detach() for a in feats], [g.detach() for g in grads]
 
 
 def _gradcam(acti: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -89,8 +89,8 @@ def _layercam(acti: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 def _scorecam(
     model: nn.Module, images: torch.Tensor, layer: str, max_channels: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score-CAM (Wang et al. 2020) at ``layer``: returns raw maps (B, H, W) and logits (B, K).
+) -> torch.Tensor:
+    """Score-CAM (Wang et al. 2020) at ``layer``: raw maps (B, H, W).
 
     Each activation channel, upsampled to H x W and min-max normalised, masks the input (towards the
     background value -1 of images in [-1, 1]); the positive-class softmax score of the masked input is the
@@ -101,7 +101,7 @@ def _scorecam(
     size = images.shape[2:]
     with torch.inference_mode():
         with capture_activations(model, [layer]) as acts:
-            logits = model(images)
+            model(images)
         acti = acts[layer].float()
         b, c = acti.shape[:2]
         k = c if max_channels is None else min(int(max_channels), c)
@@ -116,17 +116,17 @@ def _scorecam(
             ]
             weights[i, top[i]] = torch.cat(scores)
         maps = F.relu((weights[:, :, None, None] * acti).sum(dim=1))
-    return _upsample(maps, size), logits.float()
+    return _upsample(maps, size)
 
 
-def cam_with_probs(
+def compute_cam(
     method: str,
     model: nn.Module,
     images: torch.Tensor,
     target_layers: Sequence[str],
     scorecam_channels: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """CAM of the positive class and the model's positive-class probability.
+) -> torch.Tensor:
+    """CAM of the positive class.
 
     Parameters
     ----------
@@ -144,7 +144,7 @@ def cam_with_probs(
 
     Returns
     -------
-    maps float32 (B, H, W) in [0, 1] (per-slice min-max) and probabilities float32 (B,).
+    float32 (B, H, W) in [0, 1] (per-slice min-max).
     """
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; expected one of {METHODS}")
@@ -153,20 +153,16 @@ def cam_with_probs(
         raise ValueError(f"{method} needs exactly one target layer (layercam: one or more), got {layers}")
     size = images.shape[2:]
     if method == "scorecam":
-        raw, logits = _scorecam(model, images, layers[0], scorecam_channels)
-        maps = normalise_per_slice(raw)
-    else:
-        logits, acts, grads = _forward_with_grads(model, images, layers)
-        if method == "layercam":
-            per_layer = [normalise_per_slice(_upsample(_layercam(a.float(), g.float()), size)) for a, g in zip(acts, grads)]
-            maps = torch.stack(per_layer).amax(dim=0)
-        else:
-            cam = _gradcam if method == "gradcam" else _gradcampp
-            maps = normalise_per_slice(_upsample(cam(acts[0].float(), grads[0].float()), size))
-    probs = F.softmax(logits.float(), dim=1)[:, POSITIVE]
-    return maps, probs
+        return normalise_per_slice(_scorecam(model, images, layers[0], scorecam_channels))
+    acts, grads = _activations_and_grads(model, images, layers)
+    if method == "layercam":
+        per_layer = [normalise_per_slice(_upsample(_layercam(a.float(), g.float()), size)) for a, g in zip(acts, grads)]
+        return torch.stack(per_layer).amax(dim=0)
+    cam = _gradcam if method == "gradcam" else _gradcampp
+    return normalise_per_slice(_upsample(cam(acts[0].float(), grads[0].float()), size))
 
 
-def compute_cam(method: str, model: nn.Module, images: torch.Tensor, target_layers: Sequence[str]) -> torch.Tensor:
-    """CAM of the positive class: float32 (B, H, W) in [0, 1]; see :func:`cam_with_probs`."""
-    return cam_with_probs(method, model, images, target_layers)[0]
+def positive_probability(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The classifier's positive-class probability: images (B, C, H, W) -> float32 (B,)."""
+    with torch.inference_mode():
+        return F.softmax(model(images).float(), dim=1)[:, POSITIVE]

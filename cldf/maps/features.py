@@ -59,7 +59,9 @@ def extract_features(
 
     handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(modules)]
     try:
-        with torch.inference_mode():
+        # float16 autocast on CUDA only: the features are stored as float16 anyway
+        on_cuda = images.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=on_cuda):
             x_t, t = noised_batch(scheduler, images, timesteps, noise)
             y = labels.to(images.device, torch.long).repeat(n_t)
             cdm(x_t, timesteps=t, class_labels=y)

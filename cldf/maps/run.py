@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cldf.maps.cams import cam_with_probs
+from cldf.maps.cams import compute_cam, positive_probability
 from cldf.maps.common import feature_noise
 from cldf.maps.features import extract_features
 from cldf.maps.gradients import mean_gradient
@@ -132,22 +132,42 @@ def run_cam(
 
     ``settings``: ``layers`` (target layer of gradcam/gradcampp/scorecam), ``layercam_layers``,
     ``scorecam_channels``, ``batch_size``.
-    Writes ``slice_ids`` int64 (N,), ``maps`` float16 (N, H, W) in [0, 1] and ``probs`` float32 (N,), the
-    classifier's positive-class probability.
+    Writes ``slice_ids`` int64 (N,) and ``maps`` float16 (N, H, W) in [0, 1].
     """
     store = SliceStore(slices_path)
     model = model.to(device).eval()
     layers = list(settings["layercam_layers"] if method == "layercam" else settings["layers"])
     size = store.image_size
     ids = store.indices(cases=list(cases))
-    arrays = {"slice_ids": ((), np.int64), "maps": ((size, size), np.float16), "probs": ((), np.float32)}
+    arrays = {"slice_ids": ((), np.int64), "maps": ((size, size), np.float16)}
     with ArrayStoreWriter(out, len(ids), arrays, _map_attrs(store, method=method, layers=layers)) as w:
         for start, batch in _batches(ids, settings["batch_size"], method):
-            images = _images(store, batch, device)
-            maps, probs = cam_with_probs(method, model, images, layers, settings.get("scorecam_channels"))
+            maps = compute_cam(method, model, _images(store, batch, device), layers, settings.get("scorecam_channels"))
             w.write("slice_ids", start, batch)
             w.write("maps", start, maps.cpu().numpy())
-            w.write("probs", start, probs.cpu().numpy())
+
+
+def run_classifier_probs(
+    slices_path: PathLike,
+    model: nn.Module,
+    batch_size: int,
+    cases: Sequence[int],
+    out: PathLike,
+    device: torch.device,
+) -> None:
+    """The CAM classifier's positive-class probability of every slice of the shard.
+
+    It gates the masks of CLDF and of the thresholded baselines; kept apart from the CAM stores so that
+    switching the CAM method leaves it (and everything gated by it) untouched.
+    Writes ``slice_ids`` int64 (N,) and ``probs`` float32 (N,).
+    """
+    store = SliceStore(slices_path)
+    model = model.to(device).eval()
+    ids = store.indices(cases=list(cases))
+    with ArrayStoreWriter(out, len(ids), {"slice_ids": ((), np.int64), "probs": ((), np.float32)}, _map_attrs(store)) as w:
+        for start, batch in _batches(ids, batch_size, "classifier probabilities"):
+            w.write("slice_ids", start, batch)
+            w.write("probs", start, positive_probability(model, _images(store, batch, device)).cpu().numpy())
 
 
 def run_saliency(

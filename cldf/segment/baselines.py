@@ -5,8 +5,8 @@ Every baseline goes through the same rule, so the comparison table compares maps
 1. per slice, Otsu's threshold of the map over the *body* pixels (body = brain/body mask computed from
    the image); foreground = body pixels strictly above the threshold; a map that is constant inside the
    body (or an empty body) gives an empty mask;
-2. optionally, when a CAM store is given (``probs_path``), slices whose classifier probability of the
-   positive class is below :data:`POSITIVE_PROBABILITY` get an empty mask.
+2. optionally, when a classifier-probability store is given (``probs_path``), slices whose classifier
+   probability of the positive class is below :data:`POSITIVE_PROBABILITY` get an empty mask.
 
 Only image-level information is used: ground-truth masks are never read here.
 """
@@ -83,7 +83,7 @@ def run_threshold_baseline(
     slice_ids
         Global slice ids to segment; default: every slice of the map store, in its order.
     probs_path
-        Optional CAM store whose ``probs`` (N,) gate the masks (see the module docstring).
+        Optional classifier-probability store whose ``probs`` (N,) gate the masks (see the module docstring).
     rule
         Threshold rule passed to :func:`threshold_map`.
     batch_size

@@ -76,7 +76,7 @@ def run_segmentation(
     slices_path: str | os.PathLike,
     features_path: str | os.PathLike,
     decoder_path: str | os.PathLike,
-    cam_path: str | os.PathLike | None,
+    probs_path: str | os.PathLike | None,
     settings: Mapping[str, Any],
     cases: Sequence[int] | None,
     splits: Sequence[str] | None,
@@ -91,9 +91,9 @@ def run_segmentation(
     ----------
     settings
         ``{k, inside_body, empty_if_classifier_negative}`` (``cldf.cluster`` config section).
-    cam_path
-        CAM store whose ``probs`` (N,) gate the masks when ``empty_if_classifier_negative``
-        (probability < 0.5 → empty mask); may be None otherwise.
+    probs_path
+        Classifier-probability store (``probs`` (N,)) that gates the masks when
+        ``empty_if_classifier_negative`` (probability < 0.5 → empty mask); may be None otherwise.
     out
         Mask store: ``slice_ids`` int64 (N,), ``masks`` uint8 (N, H, W) (1 = target), written atomically.
     batch_size
@@ -107,7 +107,9 @@ def run_segmentation(
     prototype = checkpoint["prototypes"]["foreground"]
     k = int(settings["k"])
     gate = bool(settings["empty_if_classifier_negative"])
-    probs = MapStore(cam_path).read("probs", ids).astype(np.float32) if gate else None
+    if gate and probs_path is None:
+        raise ValueError("empty_if_classifier_negative needs the classifier-probability store (--probs)")
+    probs = MapStore(probs_path).read("probs", ids).astype(np.float32) if gate else None
     size = slices.image_size
     attrs = {
         "cluster": dict(settings),

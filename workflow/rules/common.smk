@@ -116,7 +116,7 @@ def method_masks(dataset):
     rows["MG"] = (f"{R}/{dataset}/baselines/mean_gradient/masks.zarr", "")
     rows["CDM saliency"] = (f"{R}/{dataset}/baselines/saliency/masks.zarr", "")
     rows[f"{CAM_NAMES[cam]}+CL"] = (f"{R}/{dataset}/cldf/{cam}/ablation-cam/masks.zarr", cam)
-    rows["MG+CL"] = (f"{R}/{dataset}/cldf/{cam}/ablation-mg/masks.zarr", cam)
+    rows["MG+CL"] = (f"{R}/{dataset}/cldf/ablation-mg/masks.zarr", "")
     rows["FSL UNet (upper bound)"] = (f"{R}/{dataset}/baselines/fsl_unet/masks.zarr", "")
     return rows
 

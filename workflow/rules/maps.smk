@@ -1,4 +1,5 @@
-# Cached per-slice maps: diffusion features, mean-gradient maps, CAMs and the CDM-saliency baseline.
+# Cached per-slice maps: diffusion features, mean-gradient maps, CAMs, the CAM classifier's probabilities
+# and the CDM-saliency baseline.
 # Each is computed by independent shard jobs (groups of cases) and gathered into one Zarr store.
 # Each rule's params hold only the settings it depends on, so e.g. switching cldf.cam never
 # recomputes features.
@@ -52,6 +53,12 @@ rule gradient_shard:
         " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
 
 
+def cam_settings(method):
+    """The `cams:` keys one CAM method uses, so that e.g. changing layercam_layers re-runs LayerCAM only."""
+    keys = {"layercam": ["layercam_layers"], "scorecam": ["layers", "scorecam_channels"]}.get(method, ["layers"])
+    return {k: config["cams"][k] for k in keys + ["batch_size"]}
+
+
 rule cam_shard:
     input:
         slices=SLICES,
@@ -59,7 +66,7 @@ rule cam_shard:
     output:
         temp(directory(f"{R}/{{dataset}}/shards/cams/{{cam}}/{{shard}}.zarr")),
     params:
-        settings=as_json({k: v for k, v in config["cams"].items() if k != "methods"}),
+        settings=lambda w: as_json(cam_settings(w.cam)),
         cases=lambda w: shard_cases(w.dataset, w.shard),
     log:
         f"{R}/logs/{{dataset}}/cams/{{cam}}/{{shard}}.log",
@@ -74,6 +81,28 @@ rule cam_shard:
         "cldf cam --slices {input.slices} --classifier {input.classifier} --method {wildcards.cam}"
         " --settings {params.settings:q} --cases {params.cases} --out {output} --device {DEVICE}"
         " --threads {threads} > {log} 2>&1"
+
+
+rule probs_shard:
+    """The CAM classifier's positive-class probabilities (they gate CLDF's and the baselines' masks)."""
+    input:
+        slices=SLICES,
+        classifier=f"{R}/{{dataset}}/models/cam_classifier.pt",
+    output:
+        temp(directory(f"{R}/{{dataset}}/shards/classifier_probs/{{shard}}.zarr")),
+    params:
+        settings=as_json({"batch_size": config["cams"]["batch_size"]}),
+        cases=lambda w: shard_cases(w.dataset, w.shard),
+    log:
+        f"{R}/logs/{{dataset}}/classifier_probs/{{shard}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+        gpu=GPU,
+    shell:
+        "cldf probs --slices {input.slices} --classifier {input.classifier} --settings {params.settings:q}"
+        " --cases {params.cases} --out {output} --device {DEVICE} --threads {threads} > {log} 2>&1"
 
 
 rule saliency_shard:
@@ -112,7 +141,7 @@ rule gather_map:
     output:
         directory(f"{R}/{{dataset}}/{{map}}.zarr"),
     wildcard_constraints:
-        map="features|mean_gradient|saliency|cams/(" + "|".join(CAMS) + ")",
+        map="features|mean_gradient|saliency|classifier_probs|cams/(" + "|".join(CAMS) + ")",
     log:
         f"{R}/logs/{{dataset}}/gather_{{map}}.log",
     resources:

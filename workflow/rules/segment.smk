@@ -1,7 +1,10 @@
 # CLDF proper: fused pixel selection + contrastive pixel decoder, K-means masks; the thresholded
 # baselines and the fully supervised upper bound; masks written back as NIfTI.
 
-SELECTION_DIRS = {"fused": "", "cam": "ablation-cam/", "mg": "ablation-mg/"}
+# Where each selection mode's decoder and masks live under results/{dataset}/cldf/. The MG-only ablation
+# does not depend on the CAM, so it sits outside the CAM's directory and survives a switch of cldf.cam.
+SELECTION_DIRS = {"fused": "{cam}/", "cam": "{cam}/ablation-cam/", "mg": "ablation-mg/"}
+PROBS = f"{R}/{{dataset}}/classifier_probs.zarr"
 
 
 def decoder_settings(mode):
@@ -9,7 +12,20 @@ def decoder_settings(mode):
     return as_json({"selection": {**cl["selection"], "mode": mode}, "decoder": cl["decoder"]})
 
 
+def decoder_maps(mode):
+    """The map stores a selection mode reads, as rule inputs (named like the `cldf decoder` options)."""
+    maps = {}
+    if mode in ("fused", "cam"):
+        maps["cam"] = f"{R}/{{dataset}}/cams/{{cam}}.zarr"
+    if mode in ("fused", "mg"):
+        maps["mg"] = f"{R}/{{dataset}}/mean_gradient.zarr"
+    return maps
+
+
 for _mode, _sub in SELECTION_DIRS.items():
+    _CLDF = f"{R}/{{dataset}}/cldf/{_sub}"
+    _LOGS = f"{R}/logs/{{dataset}}/cldf/{_sub}"
+    _BENCH = f"{R}/benchmarks/{{dataset}}/cldf/{_sub}"
 
     rule:
         name:
@@ -17,23 +33,23 @@ for _mode, _sub in SELECTION_DIRS.items():
         input:
             slices=SLICES,
             features=f"{R}/{{dataset}}/features.zarr",
-            cam=f"{R}/{{dataset}}/cams/{{cam}}.zarr",
-            mg=f"{R}/{{dataset}}/mean_gradient.zarr",
+            **decoder_maps(_mode),
         output:
-            f"{R}/{{dataset}}/cldf/{{cam}}/{_sub}decoder.pt",
+            f"{_CLDF}decoder.pt",
         params:
             settings=decoder_settings(_mode),
+            maps=lambda w, input, mode=_mode: " ".join(f"--{name} {input[name]}" for name in decoder_maps(mode)),
         log:
-            f"{R}/logs/{{dataset}}/cldf/{{cam}}/{_sub}decoder.log",
+            f"{_LOGS}decoder.log",
         benchmark:
-            f"{R}/benchmarks/{{dataset}}/cldf/{{cam}}/{_sub}decoder.tsv"
+            f"{_BENCH}decoder.tsv"
         threads: TRAIN_THREADS
         resources:
             mem_mb=6000,
             runtime=60,
             gpu=GPU,
         shell:
-            "cldf decoder --slices {input.slices} --features {input.features} --cam {input.cam} --mg {input.mg}"
+            "cldf decoder --slices {input.slices} --features {input.features} {params.maps}"
             " --settings {params.settings:q} --out {output} --device {DEVICE} --seed {SEED} --threads {threads}"
             " > {log} 2>&1"
 
@@ -43,24 +59,24 @@ for _mode, _sub in SELECTION_DIRS.items():
         input:
             slices=SLICES,
             features=f"{R}/{{dataset}}/features.zarr",
-            cam=f"{R}/{{dataset}}/cams/{{cam}}.zarr",
-            decoder=f"{R}/{{dataset}}/cldf/{{cam}}/{_sub}decoder.pt",
+            probs=PROBS,
+            decoder=f"{_CLDF}decoder.pt",
         output:
-            temp(directory(f"{R}/{{dataset}}/shards/cldf/{{cam}}/{_sub}masks/{{shard}}.zarr")),
+            temp(directory(f"{R}/{{dataset}}/shards/cldf/{_sub}masks/{{shard}}.zarr")),
         params:
             settings=as_json(config["cldf"]["cluster"]),
             cases=lambda w: shard_cases(w.dataset, w.shard),
         log:
-            f"{R}/logs/{{dataset}}/cldf/{{cam}}/{_sub}segment_{{shard}}.log",
+            f"{_LOGS}segment_{{shard}}.log",
         benchmark:
-            f"{R}/benchmarks/{{dataset}}/cldf/{{cam}}/{_sub}segment_{{shard}}.tsv"
+            f"{_BENCH}segment_{{shard}}.tsv"
         threads: 1
         resources:
             mem_mb=4000,
             runtime=60,
         shell:
             "cldf segment --slices {input.slices} --features {input.features} --decoder {input.decoder}"
-            " --cam {input.cam} --settings {params.settings:q} --cases {params.cases} --out {output}"
+            " --probs {input.probs} --settings {params.settings:q} --cases {params.cases} --out {output}"
             " --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
 
     rule:
@@ -68,12 +84,12 @@ for _mode, _sub in SELECTION_DIRS.items():
             f"masks_{_mode}"
         input:
             lambda w, sub=_sub: [
-                f"{R}/{w.dataset}/shards/cldf/{w.cam}/{sub}masks/{k}.zarr" for k in test_shards(w.dataset)
+                f"{R}/{w.dataset}/shards/cldf/{sub.format(cam=getattr(w, 'cam', ''))}masks/{k}.zarr" for k in test_shards(w.dataset)
             ],
         output:
-            directory(f"{R}/{{dataset}}/cldf/{{cam}}/{_sub}masks.zarr"),
+            directory(f"{_CLDF}masks.zarr"),
         log:
-            f"{R}/logs/{{dataset}}/cldf/{{cam}}/{_sub}masks_gather.log",
+            f"{_LOGS}masks_gather.log",
         resources:
             mem_mb=2000,
             runtime=30,
@@ -91,7 +107,7 @@ rule baseline_masks:
     input:
         slices=SLICES,
         map=baseline_map,
-        probs=f"{R}/{{dataset}}/cams/{config['cldf']['cam']}.zarr",
+        probs=PROBS,
     output:
         directory(f"{R}/{{dataset}}/baselines/{{baseline}}/masks.zarr"),
     params:
