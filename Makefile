@@ -30,7 +30,7 @@ test-slow: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m slow --run-slow
 
 brats18: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/brats18_shared.yaml results/brats18_shared/metrics.csv
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) results/brats18_shared/metrics.csv
 
 clean:
 	rm -rf results .snakemake
