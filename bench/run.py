@@ -31,6 +31,7 @@ from cldf.store import MapStore, SliceStore
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEFILE = REPO / "workflow" / "Snakefile"
+SHARED_BRATS = REPO.parent / "shared" / "data" / "brats18"
 
 
 def write_config(workdir: Path, overrides: dict) -> Path:
@@ -148,7 +149,8 @@ def memory_scaling(results: Path, cfg: dict, scratch: Path) -> dict[str, float]:
     out = {}
     for frac, tag in ((0.25, "1x"), (0.5, "2x"), (1.0, "4x")):
         cases = list(range(max(1, int(round(n_cases * frac)))))
-        dec = {"cam": cl["cam"], "selection": cl["selection"], "decoder": cl["decoder"]}
+        # one epoch: the peak is reached within the first epoch, later epochs repeat the same batches
+        dec = {"cam": cl["cam"], "selection": cl["selection"], "decoder": {**cl["decoder"], "epochs": 1}}
         seg = {**cl["cluster"], "decoder": str(results / f"cldf/{cl['cam']}/decoder.pt")}
         for step, settings, target in (("decoder", dec, scratch / f"probe_{tag}.pt"),
                                        ("segment", seg, scratch / f"probe_{tag}.zarr")):
@@ -166,7 +168,7 @@ def bench_dataset(
         workdir = root / dataset
         overrides = {"default_dataset": dataset}
         if dataset == "brats18_shared":
-            overrides["datasets"] = {dataset: {"root": str((REPO.parent / "shared/data/brats18").resolve())}}
+            overrides["datasets"] = {dataset: {"root": str(SHARED_BRATS.resolve())}}
         config = write_config(workdir, overrides)
         full_run_s = snakemake(workdir, config, f"results/{dataset}/metrics.csv", cores)
     else:
@@ -191,14 +193,16 @@ def bench_dataset(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", action="append", help="synthetic (default) and/or brats18_shared")
+    parser.add_argument("--dataset", action="append",
+                        help="synthetic and/or brats18_shared (default: both, brats18_shared only when "
+                             "../shared/data/brats18 exists)")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=REPO / "bench" / "work")
     parser.add_argument("--reuse", type=Path, help="a finished working directory to measure instead of a fresh run")
     parser.add_argument("--full-run-seconds", type=float, help="with --reuse: the measured wall time of its full run")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    datasets = args.dataset or ["synthetic"]
+    datasets = args.dataset or ["synthetic"] + (["brats18_shared"] if SHARED_BRATS.is_dir() else [])
     rows = []
     for ds in datasets:
         r, table = bench_dataset(ds, args.cores, args.workdir, args.reuse, args.full_run_seconds)
@@ -207,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             rows += [{"dataset": ds, "metric": f"rule:{rule}:wall_s", "value": rec.wall_s},
                      {"dataset": ds, "metric": f"rule:{rule}:max_rss_mb", "value": rec.max_rss_mb}]
     out = REPO / "bench" / "results.csv"
+    if out.exists():  # keep the rows of datasets not measured in this run
+        kept = [r for r in csv.DictReader(out.open()) if r["dataset"] not in datasets]
+        rows = [{**r, "value": float(r["value"])} for r in kept] + rows
     with open(out, "w", newline="") as fh:
         writer = csv.DictWriter(fh, ["dataset", "metric", "value"])
         writer.writeheader()
