@@ -18,6 +18,7 @@ import torch
 from sklearn.cluster import KMeans
 from tqdm import tqdm
 
+from cldf.segment.baselines import POSITIVE_PROBABILITY
 from cldf.segment.decoder import embed_slices
 from cldf.segment.features import iter_feature_batches
 from cldf.segment.train import load_decoder
@@ -93,7 +94,7 @@ def run_segmentation(
         ``{k, inside_body, empty_if_classifier_negative}`` (``cldf.cluster`` config section).
     probs_path
         Classifier-probability store (``probs`` (N,)) that gates the masks when
-        ``empty_if_classifier_negative`` (probability < 0.5 → empty mask); may be None otherwise.
+        ``empty_if_classifier_negative`` (probability < :data:`POSITIVE_PROBABILITY` → empty mask); may be None otherwise.
     out
         Mask store: ``slice_ids`` int64 (N,), ``masks`` uint8 (N, H, W) (1 = target), written atomically.
     batch_size
@@ -130,7 +131,7 @@ def run_segmentation(
                     region = np.ones((len(batch_ids), size, size), dtype=bool)
                 masks = np.zeros((len(batch_ids), size, size), dtype=np.uint8)
                 for b in range(len(batch_ids)):
-                    if probs is not None and probs[start + b] < 0.5:
+                    if probs is not None and probs[start + b] < POSITIVE_PROBABILITY:
                         continue
                     masks[b] = cluster_slice(emb[b], region[b], k, prototype, seed)
                 writer.write("masks", start, masks)

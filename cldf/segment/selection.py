@@ -16,7 +16,9 @@ import torch
 from skimage.filters import threshold_otsu
 
 RULES = ("otsu", "quantile")
-MODES = ("fused", "cam", "mg")
+# The maps each selection mode reads: ``fused`` is the method, ``cam`` and ``mg`` the ablations.
+MODE_MAPS = {"fused": ("cam", "mg"), "cam": ("cam",), "mg": ("mg",)}
+MODES = tuple(MODE_MAPS)
 
 
 def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quantile: float = 0.8) -> torch.Tensor:
@@ -92,7 +94,7 @@ def select_pixels(
     if mode not in MODES:
         raise ValueError(f"unknown selection mode {mode!r}; expected one of {MODES}")
     body = body.bool()
-    used = {"fused": (cam, mg), "cam": (cam,), "mg": (mg,)}[mode]
+    used = [{"cam": cam, "mg": mg}[name] for name in MODE_MAPS[mode]]
     if any(m is None for m in used):
         raise ValueError(f"selection mode {mode!r} needs the map(s) it uses; got None")
     acts = [activated(m, body, rule, quantile) for m in used]

@@ -21,9 +21,9 @@ class _LogDenominator(torch.autograd.Function):
 
     Neither pass keeps the (P × P) similarities: the forward keeps only its (P,) result, the backward
     recomputes each chunk of similarities and turns it into softmax weights in place. With ``S`` the
-    row-softmax and ``G = diag(g) S`` for the incoming gradient g (P,), the gradient is ``(G + Gᵀ) Z / t``. Chunks of a few
-    hundred anchors stay in the CPU cache; measured 6× faster than autograd through ``logsumexp`` for
-    P = 5,000 on one core.
+    row-softmax and ``G = diag(g) S`` for the incoming gradient g (P,), the gradient is
+    ``(G + Gᵀ) Z / t``. Chunks of a few hundred anchors stay in the CPU cache; measured 6× faster than
+    autograd through ``logsumexp`` for P = 5,000 on one core.
     """
 
     @staticmethod

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from cldf.segment.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import feature_dim, iter_feature_batches
-from cldf.segment.selection import select_pixels
+from cldf.segment.selection import MODE_MAPS, select_pixels
 from cldf.segment.supcon import supcon_loss
 from cldf.store import MapStore, SliceStore
 
@@ -132,8 +132,9 @@ def train_decoder(
     dec = settings["decoder"]
     batch_size = int(dec["batch_size"])
     slices = SliceStore(slices_path)
-    cam = MapStore(cam_path) if selection["mode"] in ("fused", "cam") else None
-    mg = MapStore(mg_path) if selection["mode"] in ("fused", "mg") else None
+    used = MODE_MAPS[selection["mode"]]
+    cam = MapStore(cam_path) if "cam" in used else None
+    mg = MapStore(mg_path) if "mg" in used else None
     ids = slices.indices(split="train", labels=[0, 1], cases=cases)
     if len(ids) == 0:
         raise ValueError(f"{slices_path} has no training slice with label 0 or 1")

@@ -15,6 +15,7 @@ from cldf.config import (
 from cldf.data.splits import assign_splits
 from cldf.io.errors import DataError
 from cldf.io.layouts import list_cases
+from cldf.segment.selection import MODE_MAPS
 
 try:
     validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))

@@ -12,14 +12,12 @@ def decoder_settings(mode):
     return as_json({"selection": {**cl["selection"], "mode": mode}, "decoder": cl["decoder"]})
 
 
+MAP_STORES = {"cam": f"{R}/{{dataset}}/cams/{{cam}}.zarr", "mg": f"{R}/{{dataset}}/mean_gradient.zarr"}
+
+
 def decoder_maps(mode):
     """The map stores a selection mode reads, as rule inputs (named like the `cldf decoder` options)."""
-    maps = {}
-    if mode in ("fused", "cam"):
-        maps["cam"] = f"{R}/{{dataset}}/cams/{{cam}}.zarr"
-    if mode in ("fused", "mg"):
-        maps["mg"] = f"{R}/{{dataset}}/mean_gradient.zarr"
-    return maps
+    return {name: MAP_STORES[name] for name in MODE_MAPS[mode]}
 
 
 for _mode, _sub in SELECTION_DIRS.items():
