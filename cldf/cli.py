@@ -35,6 +35,15 @@ def _device(args: argparse.Namespace):
     return resolve_device(args.device)
 
 
+def _model(path: str, kind: str, args: argparse.Namespace):
+    """The trained network at ``path``, checked to be a ``kind`` made for the slices of ``args.slices``."""
+    from cldf.models.checkpoint import load_model
+    from cldf.store import SliceStore
+
+    slices = SliceStore(args.slices)
+    return load_model(path, _device(args), kind, {"image_size": slices.image_size, "in_channels": slices.channels})
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 
@@ -58,7 +67,7 @@ def cmd_slices_shard(args: argparse.Namespace) -> None:
 def cmd_slices_gather(args: argparse.Namespace) -> None:
     from cldf.data.slices import gather
 
-    gather(args.shards, args.out, args.manifest)
+    gather(args.shards, args.out, args.manifest, args.skipped, args.split)
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -90,48 +99,43 @@ def cmd_predict_fsl(args: argparse.Namespace) -> None:
 def cmd_features(args: argparse.Namespace) -> None:
     from cldf.maps.run import run_features
     from cldf.models.builders import build_scheduler
-    from cldf.models.checkpoint import load_model
 
     device = _device(args)
-    cdm = load_model(args.cdm, device)
+    cdm = _model(args.cdm, "cdm", args)
     run_features(args.slices, cdm, build_scheduler(), args.settings, args.cases, args.out, device, args.seed)
 
 
 def cmd_gradient(args: argparse.Namespace) -> None:
     from cldf.maps.run import run_gradient
     from cldf.models.builders import build_scheduler
-    from cldf.models.checkpoint import load_model
 
     device = _device(args)
-    clf = load_model(args.classifier, device)
+    clf = _model(args.classifier, "noisy_classifier", args)
     run_gradient(args.slices, clf, build_scheduler(), args.settings, args.cases, args.out, device, args.seed)
 
 
 def cmd_cam(args: argparse.Namespace) -> None:
     from cldf.maps.run import run_cam
-    from cldf.models.checkpoint import load_model
 
     device = _device(args)
-    model = load_model(args.classifier, device)
+    model = _model(args.classifier, "cam_classifier", args)
     run_cam(args.slices, model, args.method, args.settings, args.cases, args.out, device)
 
 
 def cmd_probs(args: argparse.Namespace) -> None:
     from cldf.maps.run import run_classifier_probs
-    from cldf.models.checkpoint import load_model
 
     device = _device(args)
-    model = load_model(args.classifier, device)
+    model = _model(args.classifier, "cam_classifier", args)
     run_classifier_probs(args.slices, model, args.settings["batch_size"], args.cases, args.out, device)
 
 
 def cmd_saliency(args: argparse.Namespace) -> None:
     from cldf.maps.run import run_saliency
     from cldf.models.builders import build_scheduler
-    from cldf.models.checkpoint import load_model
 
     device = _device(args)
-    cdm = load_model(args.cdm, device)
+    cdm = _model(args.cdm, "cdm", args)
     run_saliency(args.slices, cdm, build_scheduler(), args.settings, args.cases, args.out, device, splits=["test"])
 
 
@@ -228,8 +232,10 @@ COMMANDS: dict[str, tuple[str, Command]] = {
         (("--dataset",), {"type": _json, "required": True}), (("--manifest",), {"required": True})])),
     "slices-shard": ("NIfTI cases of one shard → slice store", (cmd_slices_shard, [
         (("--dataset",), {"type": _json, "required": True}), _CASES, _OUT])),
-    "slices-gather": ("gather slice shards → slices.zarr + manifest CSV", (cmd_slices_gather, [
-        (("--shards",), {"nargs": "+", "required": True}), _OUT, (("--manifest",), {"required": True})])),
+    "slices-gather": ("gather slice shards → slices.zarr + manifest CSV + skipped cases", (cmd_slices_gather, [
+        (("--shards",), {"nargs": "+", "required": True}), _OUT, (("--manifest",), {"required": True}),
+        (("--skipped",), {"required": True, "help": "skipped_cases.csv"}),
+        (("--split",), {"type": _json, "required": True, "help": "the dataset's split settings"})])),
     "train": ("train one model (cdm, noisy_classifier, cam_classifier, fsl_unet)", (cmd_train, [
         (("--kind",), {"required": True, "choices": ["cdm", "noisy_classifier", "cam_classifier", "fsl_unet"]}),
         _SLICES, _SETTINGS, _OUT])),
@@ -288,12 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+    from cldf.atomic import UnsafePathError
     from cldf.config import ConfigError
     from cldf.io.errors import DataError
     from cldf.models.checkpoint import CheckpointError
     from cldf.store import StoreError
 
-    return (ConfigError, DataError, StoreError, CheckpointError, OSError)
+    return (ConfigError, DataError, StoreError, CheckpointError, UnsafePathError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,12 @@ def validate_config(config: Mapping[str, Any], schema_path: str | os.PathLike = 
             message = f"config key {_key_path(err)}: {err.message}"
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
         raise ConfigError(message + more)
+    check_config(config)
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Cross-key checks the schema cannot express; raise :class:`ConfigError` naming the key."""
+    _check_results_dir(config["results_dir"])
     if config["model_preset"] not in config["presets"]:
         raise ConfigError(
             f"config key model_preset: {config['model_preset']!r} is not one of the presets "
@@ -50,12 +56,38 @@ def validate_config(config: Mapping[str, Any], schema_path: str | os.PathLike = 
         )
     if config["default_dataset"] not in config["datasets"]:
         raise ConfigError(f"config key default_dataset: {config['default_dataset']!r} is not a declared dataset")
+    if config["cldf"]["cam"] not in config["cams"]["methods"]:
+        raise ConfigError(
+            f"config key cldf.cam: {config['cldf']['cam']!r} is not in cams.methods {config['cams']['methods']}"
+        )
     for name, ds in config["datasets"].items():
         if ds["layout"] == "synthetic" and "phantom" not in ds:
             raise ConfigError(f"config key datasets.{name}.phantom: required for layout 'synthetic'")
         frac = ds["split"]["val_fraction"] + ds["split"]["test_fraction"]
         if frac >= 1:
             raise ConfigError(f"config key datasets.{name}.split: val_fraction + test_fraction must be < 1")
+        _check_normalisation(ds["normalisation"], f"datasets.{name}.normalisation")
+
+
+def _check_results_dir(results_dir: str) -> None:
+    if not results_dir.strip():
+        raise ConfigError("config key results_dir: must name a directory, got an empty string")
+    bad = sorted(set(results_dir) & set("{}\n\r\t"))
+    if bad:
+        raise ConfigError(
+            f"config key results_dir: {results_dir!r} contains {''.join(bad)!r}; braces are Snakemake wildcards "
+            "and control characters break paths: choose another directory name"
+        )
+
+
+def _check_normalisation(norm: Mapping[str, Any], key: str) -> None:
+    lower, upper = float(norm["lower"]), float(norm["upper"])
+    if norm["method"] == "percentile" and not (0 <= lower <= 100 and 0 <= upper <= 100):
+        raise ConfigError(f"config key {key}: percentiles must lie in [0, 100], got lower {lower:g}, upper {upper:g}")
+    if lower >= upper:
+        raise ConfigError(
+            f"config key {key}: lower ({lower:g}) must be below upper ({upper:g}), or every image becomes constant"
+        )
 
 
 def load_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: Mapping[str, Any] | None = None) -> dict:

@@ -24,8 +24,7 @@ Ground-truth masks are deliberately not reachable through :class:`SliceStore`; o
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterable, Sequence
@@ -35,8 +34,11 @@ import warnings
 import numpy as np
 import zarr
 
-# Snakemake drops a `.snakemake_timestamp` file into directory outputs; it is harmless to Zarr.
-warnings.filterwarnings("ignore", message=r"Object at \.snakemake_timestamp is not recognized")
+from cldf.atomic import atomic_dir
+
+# Snakemake drops a `.snakemake_timestamp` file into directory outputs, and every directory cldf creates
+# holds the ownership marker (cldf.atomic.MARKER); both are harmless to Zarr.
+warnings.filterwarnings("ignore", message=r"Object at \.(snakemake_timestamp|cldf-owned) is not recognized")
 
 SPLITS = ("train", "val", "test")
 GROUND_TRUTH = "ground_truth"
@@ -47,10 +49,6 @@ class StoreError(RuntimeError):
     """An artifact is missing, incomplete or inconsistent."""
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
 def _check_writable(path: Path) -> None:
     parent = path.parent
     try:
@@ -59,12 +57,6 @@ def _check_writable(path: Path) -> None:
         raise StoreError(f"cannot write {path}: {err}") from err
     if not os.access(parent, os.W_OK):
         raise StoreError(f"cannot write {path}: directory {parent} is not writable")
-
-
-def _remove_stale_tmp(path: Path) -> None:
-    """Remove temporary stores of ``path`` left by a killed writer (one writer per output at a time)."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 class ArrayStoreWriter:
@@ -97,14 +89,15 @@ class ArrayStoreWriter:
         self.n = int(n)
         self._specs = dict(arrays)
         self._attrs = dict(attrs or {})
-        self._tmp = _tmp_path(self.path)
         self._group: zarr.Group | None = None
+        self._stack = ExitStack()
 
     def __enter__(self) -> "ArrayStoreWriter":
         _check_writable(self.path)
-        _remove_stale_tmp(self.path)
+        self._stack = ExitStack()
         try:
-            self._group = zarr.open_group(str(self._tmp), mode="w")
+            tmp = self._stack.enter_context(atomic_dir(self.path))
+            self._group = zarr.open_group(str(tmp), mode="a")
             for name, (tail, dtype) in self._specs.items():
                 tail = tuple(int(s) for s in tail)
                 self._group.create_array(
@@ -116,8 +109,11 @@ class ArrayStoreWriter:
                 )
             self._group.attrs.update({**self._attrs, COMPLETE: False})
         except OSError as err:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._stack.close()
             raise StoreError(f"cannot create {self.path}: {err}") from err
+        except BaseException:
+            self._stack.close()
+            raise
         return self
 
     @property
@@ -142,16 +138,11 @@ class ArrayStoreWriter:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            return
-        try:
+        if exc_type is None:
             self.group.attrs[COMPLETE] = True
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            os.replace(self._tmp, self.path)
+        try:
+            self._stack.__exit__(exc_type, exc, tb)
         except OSError as err:
-            shutil.rmtree(self._tmp, ignore_errors=True)
             raise StoreError(f"cannot finish {self.path}: {err}") from err
 
 

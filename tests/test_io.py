@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from cldf.config import DEFAULT_CONFIG, dataset_settings, load_config
@@ -138,11 +139,6 @@ def _bad_label(ds, case):
     _rewrite(_seg(ds, case), seg)
 
 
-def _no_positive(ds, case):
-    seg = np.asarray(nib.load(str(_seg(ds, case))).dataobj)
-    _rewrite(_seg(ds, case), np.zeros_like(seg))
-
-
 BAD_INPUTS = {
     "missing modality": (_missing_modality, r"missing file .*_flair\.nii\.gz"),
     "corrupt gzip": (_corrupt, r"_flair\.nii\.gz: unreadable NIfTI"),
@@ -151,7 +147,6 @@ BAD_INPUTS = {
     "affine mismatch": (_affine_mismatch, r"_flair\.nii\.gz: affine differs from the mask"),
     "NaN voxels": (_nan_voxels, r"_flair\.nii\.gz: 1 NaN/Inf voxel"),
     "unexpected label": (_bad_label, r"_seg\.nii\.gz: unexpected label value\(s\) \[3\]"),
-    "no positive slice": (_no_positive, r"no positive slice"),
 }
 
 
@@ -172,19 +167,75 @@ def test_bad_input_raises_one_line_error_and_writes_nothing(tiny: dict, tmp_path
     assert _leftovers(tmp_path) == []
 
 
-def test_bad_case_skipped_with_warning(tiny: dict, tmp_path: Path) -> None:
+def test_case_without_positive_slice_is_valid_data(tiny: dict, tmp_path: Path) -> None:
+    """Like Brats18_CBICA_ARZ_1: the target never covers more than positive_min_fraction of a slice."""
     cases = list_cases(tiny)
-    _nan_voxels(tiny, cases[0])
+    seg = np.asarray(nib.load(str(_seg(tiny, cases[1]))).dataobj).copy()
+    small = np.zeros_like(seg)
+    small[20, 20, 5] = 1  # one voxel of tumour: an ambiguous slice, no positive one
+    _rewrite(_seg(tiny, cases[1]), small)
+    build_shard(tiny, cases, cases, tmp_path / "shard.zarr")
+    gather([tmp_path / "shard.zarr"], tmp_path / "slices.zarr", tmp_path / "manifest.csv", tmp_path / "skipped.csv",
+           {"val_fraction": 0.0, "test_fraction": 0.5, "seed": 0})
+    from cldf.store import SliceStore
+
+    store = SliceStore(tmp_path / "slices.zarr")
+    labels = store.labels[store.case_index == 1]
+    assert len(labels) > 0 and not (labels == 1).any() and (labels == -1).sum() == 1 and (labels == 0).any()
+    assert (tmp_path / "skipped.csv").read_text() == "case,reason\n"
+
+
+def _missing_mask(ds, case):
+    _seg(ds, case).unlink()
+
+
+SKIPPED = {
+    "missing modality": (_missing_modality, "missing file"),
+    "missing mask": (_missing_mask, "missing file"),
+    "NaN voxels": (_nan_voxels, "NaN/Inf"),
+    "unexpected label": (_bad_label, "unexpected label value"),
+}
+
+
+@pytest.mark.parametrize("kind", list(SKIPPED))
+def test_bad_case_is_skipped_logged_and_listed(
+    tiny: dict, tmp_path: Path, kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    damage, reason = SKIPPED[kind]
+    cases = list_cases(tiny)
+    damage(tiny, cases[0])
     ds = {**tiny, "on_bad_case": "skip"}
-    with pytest.warns(UserWarning, match=f"skipping case {cases[0]}"):
-        build_shard(ds, cases[:1], cases, tmp_path / "s0.zarr")
+    build_shard(ds, cases[:1], cases, tmp_path / "s0.zarr")
+    assert f"skipping case {cases[0]}" in caplog.text and reason in caplog.text
     build_shard(ds, cases[1:], cases, tmp_path / "s1.zarr")
-    gather([tmp_path / "s0.zarr", tmp_path / "s1.zarr"], tmp_path / "slices.zarr", tmp_path / "manifest.csv")
+    gather([tmp_path / "s0.zarr", tmp_path / "s1.zarr"], tmp_path / "slices.zarr", tmp_path / "manifest.csv",
+           tmp_path / "skipped.csv", {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0})
     from cldf.store import SliceStore
 
     store = SliceStore(tmp_path / "slices.zarr")
     assert set(store.case_index.tolist()) == {1}
-    assert "NaN" in store.cases[0]["skipped"] and store.cases[1]["id"] == cases[1]
+    assert reason in store.cases[0]["skipped"] and store.cases[1]["id"] == cases[1]
+    assert store.cases[0]["split"] is None and store.cases[1]["split"] == "train"
+    skipped = pd.read_csv(tmp_path / "skipped.csv")
+    assert skipped.case.tolist() == [cases[0]] and reason in skipped.reason[0]
+
+
+def test_split_is_drawn_from_kept_cases_and_an_empty_asked_split_stops(tiny: dict, tmp_path: Path) -> None:
+    cases = list_cases(tiny)
+    _nan_voxels(tiny, cases[0])
+    ds = {**tiny, "on_bad_case": "skip"}
+    build_shard(ds, cases, cases, tmp_path / "s.zarr")
+    split = {"val_fraction": 0.0, "test_fraction": 0.5, "seed": 0}
+    with pytest.raises(DataError) as info:  # one kept case cannot fill both train and test
+        gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv", split)
+    message = str(info.value)
+    assert "split 'test' is empty" in message and cases[0] in message and "NaN" in message and "\n" not in message
+    assert not (tmp_path / "slices.zarr").exists()
+    listed = {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0, "test_cases": [cases[0]]}
+    with pytest.raises(DataError, match="split 'test' is empty"):
+        gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv", listed)
+    gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv",
+           {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0})  # a split left at 0 may be empty
 
 
 def test_every_case_skipped_gives_no_store(tiny: dict, tmp_path: Path) -> None:
@@ -192,11 +243,44 @@ def test_every_case_skipped_gives_no_store(tiny: dict, tmp_path: Path) -> None:
     for c in cases:
         _nan_voxels(tiny, c)
     ds = {**tiny, "on_bad_case": "skip"}
-    with pytest.warns(UserWarning):
-        build_shard(ds, cases, cases, tmp_path / "s0.zarr")
+    build_shard(ds, cases, cases, tmp_path / "s0.zarr")
     with pytest.raises(DataError, match="every case was skipped"):
-        gather([tmp_path / "s0.zarr"], tmp_path / "slices.zarr", tmp_path / "manifest.csv")
+        gather([tmp_path / "s0.zarr"], tmp_path / "slices.zarr", tmp_path / "manifest.csv", tmp_path / "k.csv",
+               {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0})
     assert not (tmp_path / "slices.zarr").exists() and not (tmp_path / "manifest.csv").exists()
+
+
+def test_stray_entries_are_ignored_with_a_log_line(tiny: dict, caplog: pytest.LogCaptureFixture) -> None:
+    root = Path(tiny["root"])
+    cases = list_cases(tiny)
+    (root / "__MACOSX" / cases[0]).mkdir(parents=True)
+    (root / "__MACOSX" / f"._{cases[0]}_flair.nii.gz").write_bytes(b"resource fork")
+    (root / ".DS_Store").write_bytes(b"\0")
+    (root / "README.txt").write_text("BraTS sample")
+    (root / "notes").mkdir()
+    with caplog.at_level("WARNING", logger="cldf.io"):
+        assert list_cases(tiny) == cases
+    for stray in ("__MACOSX", ".DS_Store", "README.txt", "notes"):
+        assert f"ignoring {root / stray}: not a case directory" in caplog.text
+
+
+def test_flare_strays_ignored_and_missing_mask_is_a_bad_case(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    images, masks = tmp_path / "TrainingImg", tmp_path / "TrainingMask"
+    images.mkdir()
+    masks.mkdir()
+    volume = nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4))
+    for case in ("A", "B"):
+        nib.save(volume, images / f"{case}_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.uint8), np.eye(4)), masks / "A.nii.gz")
+    (images / ".DS_Store").write_bytes(b"\0")
+    (images / "notes.txt").write_text("x")
+    ds = settings("flare21_kidney", root=str(tmp_path))
+    with caplog.at_level("WARNING", logger="cldf.io"):
+        assert list_cases(ds) == ["A", "B"]
+    assert "notes.txt: not a <case>_0000.nii.gz image" in caplog.text
+    with pytest.raises(DataError, match=r"missing file .*TrainingMask/B\.nii\.gz"):
+        case_files(ds, "B")
+    assert set(case_files(ds, "B", missing_ok=True)) == {"ct"}
 
 
 def test_missing_root_names_config_key(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ CDM = {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks"
 def test_killed_feature_shard_is_never_consumed_and_rerun_matches(tmp_path: Path) -> None:
     slices = make_slices(tmp_path / "slices.zarr", n_cases=4, slices_per_case=40, size=32)
     cdm = build_model("cdm", CDM, 2)
-    save_checkpoint(tmp_path / "cdm.pt", {"kind": "cdm", "settings": CDM, "in_channels": 2,
+    save_checkpoint(tmp_path / "cdm.pt", {"kind": "cdm", "settings": CDM, "in_channels": 2, "image_size": 32,
                                           "state_dict": cdm.state_dict()})
     settings = {"timesteps": [1, 10, 50, 100], "layers": ["up_blocks.0", "up_blocks.1"], "batch_size": 2}
 

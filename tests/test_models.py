@@ -102,6 +102,18 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     torch.save({"kind": "cam_classifier", "code": torch.nn.Linear(2, 2)}, tmp_path / "pickled.pt")
     with pytest.raises(CheckpointError, match="pickled.pt"):
         load_checkpoint(tmp_path / "pickled.pt")
+    (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"truncated\.pt is corrupt .*; delete it and re-run"):
+        load_model(tmp_path / "truncated.pt", CPU)
+    with pytest.raises(CheckpointError, match=r"holds a 'cam_classifier', expected a 'cdm'"):
+        load_model(path, CPU, kind="cdm")
+    save_checkpoint(path, {**payload, "image_size": 256})
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, CPU, expect={"image_size": 64, "in_channels": 2})
+    assert str(info.value) == (
+        f"checkpoint {path} was made for image_size 256, in_channels 2 but this run has image_size 64, "
+        "in_channels 2 (another preset or dataset); delete it and re-run to rebuild it"
+    )
 
 
 def test_split_rows_and_fallback(slices, tmp_path):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from cldf.atomic import MARKER
 from cldf.config import DEFAULT_CONFIG, dataset_settings, load_config
 from cldf.data.phantom import generate_phantom
 from cldf.io.layouts import list_cases
@@ -31,7 +32,7 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, float]:
 def test_layout_and_reader(phantom) -> None:
     ds, seconds = phantom
     root = Path(ds["root"])
-    assert sorted(p.name for p in root.iterdir()) == list_cases(ds)
+    assert sorted(p.name for p in root.iterdir()) == [MARKER, *list_cases(ds)]  # marked as made by cldf
     assert sorted(p.name for p in (root / "Synth_000").iterdir()) == sorted(
         f"Synth_000_{m}.nii.gz" for m in (*MODALITIES, "seg")
     )

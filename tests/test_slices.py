@@ -18,6 +18,9 @@ from cldf.io.layouts import case_files, list_cases
 from cldf.store import SliceStore, open_store, read_ground_truth
 
 
+ONE_CASE = {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0}  # one case can only be a training case
+
+
 def settings(name: str, **overrides) -> dict:
     ds = dataset_settings(load_config(DEFAULT_CONFIG), name)
     ds.update(overrides)
@@ -32,7 +35,8 @@ def brats_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     ids = list_cases(ds)
     build_shard(ds, ids[1:], ids, out / "s1.zarr")
     build_shard(ds, ids[:1], ids, out / "s0.zarr")
-    gather([out / "s1.zarr", out / "s0.zarr"], out / "slices.zarr", out / "manifest.csv")
+    gather([out / "s1.zarr", out / "s0.zarr"], out / "slices.zarr", out / "manifest.csv", out / "skipped.csv",
+           ds["split"])
     return ds, out / "slices.zarr", out / "manifest.csv"
 
 
@@ -114,7 +118,7 @@ def test_round_trip_to_original_geometry(brats_store, shared_data: Path, tmp_pat
 
     full = {**ds, "image_size": 240, "max_cases": 1}  # no resize: exact on kept slices
     build_shard(full, [case_id], [case_id], tmp_path / "s.zarr")
-    gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv")
+    gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
     store = SliceStore(tmp_path / "slices.zarr")
     rows = store.indices(cases=[0])
     back = np.asarray(to_original(read_ground_truth(tmp_path / "slices.zarr", rows), store.slice_index[rows], store.cases[0]).dataobj)
@@ -126,7 +130,7 @@ def test_flare_kidney_slices(shared_data: Path, tmp_path: Path) -> None:
     ds = settings("flare21_kidney", root=str(shared_data / "flare_like"), image_size=32, ambiguous_slices="drop")
     ids = list_cases(ds)
     build_shard(ds, ids, ids, tmp_path / "s.zarr")
-    gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv")
+    gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
     store = SliceStore(tmp_path / "slices.zarr")
     assert store.channels == 1 and set(store.labels.tolist()) == {0, 1}  # ambiguous dropped
     meta = store.cases[0]

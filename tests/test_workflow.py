@@ -98,3 +98,32 @@ def test_slurm_profile_plans_shard_jobs_with_their_resources(tmp_path: Path) -> 
     for line in resources["slices_shard"]:
         assert "slurm_partition=CHANGE_ME_cpu_partition" in line and "mem_mb=4000" in line
     assert "torchrun --standalone --nproc_per_node 2 -m cldf.cli train" in text
+
+
+def test_results_dir_with_spaces_and_shell_characters_works(tmp_path: Path) -> None:
+    results = "my results; $HOME & 'co'"
+    cfg = tiny_config(tmp_path, {"results_dir": results})
+    run_snakemake(cfg, ["--cores", "2", f"{results}/synthetic/slices.zarr"])
+    store = SliceStore(tmp_path / results / "synthetic/slices.zarr")
+    assert store.n > 0 and (tmp_path / results / "synthetic/skipped_cases.csv").read_text() == "case,reason\n"
+    assert (tmp_path / results / "logs/synthetic/slices_gather.log").exists()
+
+
+def test_skipped_case_is_listed_and_strays_ignored_in_a_real_run(tmp_path: Path) -> None:
+    from cldf.data.phantom import generate_phantom
+
+    generate_phantom(tmp_path / "data", n_cases=5, shape=(40, 40, 16), seed=3)
+    (tmp_path / "data/Synth_002/Synth_002_t1.nii.gz").unlink()
+    (tmp_path / "data/__MACOSX").mkdir()
+    (tmp_path / "data/README.txt").write_text("sample")
+    brats = {"root": str(tmp_path / "data"), "on_bad_case": "skip", "image_size": 32,
+             "split": {"val_fraction": 0.0, "test_fraction": 0.25}}
+    cfg = tiny_config(tmp_path, {"datasets": {"brats21": brats}})
+    res = run_snakemake(cfg, ["--cores", "2", "results/brats21/slices.zarr"], quiet=False)
+    assert "ignoring" in res.stdout + res.stderr and "README.txt" in res.stdout + res.stderr
+    skipped = (tmp_path / "results/brats21/skipped_cases.csv").read_text().splitlines()
+    assert skipped[0] == "case,reason" and len(skipped) == 2 and skipped[1].startswith("Synth_002,missing file")
+    store = SliceStore(tmp_path / "results/brats21/slices.zarr")
+    assert [c["id"] for c in store.cases] == [f"Synth_{i:03d}" for i in range(5)]
+    assert store.cases[2]["split"] is None and 2 not in set(store.case_index.tolist())
+    assert sorted({c["split"] for c in store.cases if c["split"]}) == ["test", "train"]

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +20,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from cldf.atomic import atomic_dir
 from cldf.io.layouts import synthetic_case_id
 
 FIELD_OF_VIEW_MM = (240.0, 240.0, 155.0)
@@ -161,8 +160,9 @@ def generate_phantom(
     """Write ``n_cases`` phantom cases to ``root`` in the BraTS layout, atomically.
 
     ``root/Synth_000/Synth_000_{modality}.nii.gz`` (int16 (X, Y, Z) = ``shape``) and ``..._seg.nii.gz``
-    (uint8, labels {0, 1, 2, 4}). Built in a temporary sibling directory, then renamed onto ``root``
-    (replacing an older one). Case ``i`` draws from ``numpy.random.default_rng([seed, i])``; which
+    (uint8, labels {0, 1, 2, 4}). Built in a temporary sibling directory, then renamed onto ``root``,
+    replacing an older phantom; a non-empty ``root`` that cldf did not create is never touched
+    (:class:`cldf.atomic.UnsafePathError`). Case ``i`` draws from ``numpy.random.default_rng([seed, i])``; which
     cases are tumour-free (``max(1, round(n_cases / 5))`` of them when ``n_cases > 1``) from ``seed``.
     """
     unknown = [m for m in modalities if m not in TISSUE_MEANS]
@@ -171,13 +171,10 @@ def generate_phantom(
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"phantom shape must be 3 sizes >= 8, got {shape}")
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     n_free = max(1, round(n_cases / 5)) if n_cases > 1 else 0
     free = set(np.random.default_rng(seed).choice(n_cases, size=n_free, replace=False).tolist())
     affine = _affine(shape)  # type: ignore[arg-type]
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_dir(root) as tmp:
         for i in range(n_cases):
             case = synthetic_case_id(i)
             folder = tmp / case
@@ -186,8 +183,3 @@ def generate_phantom(
             for m, data in images.items():
                 _save(data, affine, folder / f"{case}_{m}.nii.gz")
             _save(seg, affine, folder / f"{case}_seg.nii.gz")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

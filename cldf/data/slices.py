@@ -16,16 +16,18 @@ feed the manifest CSV.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import ndimage
+from tqdm import tqdm
+
+from cldf.atomic import atomic_file, make_owned_dir, remove_stale_temporaries, temporary_sibling
 
 from cldf.data.geometry import pad_to_square, resize_images, resize_masks, square_padding
 from cldf.data.splits import assign_splits
@@ -33,14 +35,15 @@ from cldf.io.errors import DataError
 from cldf.io.nifti import Case, read_case
 from cldf.store import GROUND_TRUTH, SPLITS, ArrayStoreWriter, open_store
 
+LOG = logging.getLogger("cldf.data")
 BODY_EPS = 1e-3  # a voxel belongs to the body when some channel is above -1 + BODY_EPS
 Z_CHUNK = 32  # slices resized at a time
 
 
-def slice_arrays(channels: int, image_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-    """Array specs of a slice store / shard for :class:`cldf.store.ArrayStoreWriter`."""
+def slice_arrays(channels: int, image_size: int, with_split: bool = True) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Array specs of a slice store (a shard store has no ``split``) for :class:`cldf.store.ArrayStoreWriter`."""
     s = int(image_size)
-    return {
+    specs = {
         "images": ((channels, s, s), np.float16),
         "body": ((s, s), np.uint8),
         "labels": ((), np.int8),
@@ -52,6 +55,9 @@ def slice_arrays(channels: int, image_size: int) -> dict[str, tuple[tuple[int, .
         f"{GROUND_TRUTH}/masks": ((s, s), np.uint8),
         f"{GROUND_TRUTH}/target_fraction": ((), np.float32),
     }
+    if not with_split:
+        del specs["split"]
+    return specs
 
 
 def normalise(image: np.ndarray, settings: Mapping[str, Any]) -> np.ndarray:
@@ -117,10 +123,10 @@ def _case_slices(ds: Mapping[str, Any], case: Case) -> tuple[dict[str, np.ndarra
     if ds["ambiguous_slices"] == "drop":
         keep &= labels != -1
     kept = np.flatnonzero(keep)
-    if ds["layout"] != "synthetic" and not np.any(labels[kept] == 1):
+    if len(kept) == 0:
         raise DataError(
-            f"case {case.id}: no positive slice (target labels {list(ds['target_labels'])} cover more than "
-            f"{ds['positive_min_fraction']} of no kept slice); wrong or empty mask?"
+            f"case {case.id}: no slice is kept (none has a body fraction of at least "
+            f"{ds['min_body_fraction']}, config key datasets.{ds['name']}.min_body_fraction)"
         )
     arrays = {
         "images": images_all[kept].astype(np.float16),
@@ -159,54 +165,66 @@ def _store_attrs(ds: Mapping[str, Any], all_case_ids: Sequence[str], cases: list
     }
 
 
-def build_shard(ds: Mapping[str, Any], case_ids: list[str], all_case_ids: list[str], out: str | os.PathLike) -> None:
-    """Slice cases ``case_ids`` into the shard store ``out`` (``slices.zarr`` layout).
+def _buffer_name(k: int, name: str) -> str:
+    return f"{k}-{name.replace('/', '.')}.npy"
 
-    ``case_index`` is the position in ``all_case_ids`` (which also determines the split, see
-    :func:`cldf.data.splits.assign_splits`); ``slice_ids`` are local (0..M-1) until :func:`gather`.
-    A bad case raises :class:`DataError` (``on_bad_case: error``; nothing is written) or is left out with
-    a warning (``skip``; its ``cases`` entry has ``"skipped": reason``). Each case's slices are buffered
-    on disk next to ``out``, so memory holds one case at a time.
+
+def _slice_cases(
+    ds: Mapping[str, Any], case_ids: list[str], index: Mapping[str, int], buffers: Path
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Read, check and slice each case into ``buffers``: per-case metadata and slice counts.
+
+    A bad case raises (``on_bad_case: error``) or is recorded with ``"skipped": reason`` (``skip``).
+    """
+    metas: list[dict[str, Any]] = []
+    counts: list[int] = []
+    for case_id in tqdm(case_ids, desc="slicing", unit="case"):
+        meta: dict[str, Any] = {"id": case_id, "index": index[case_id]}
+        try:
+            arrays, geometry = _case_slices(ds, read_case(ds, case_id))
+        except DataError as err:
+            if ds["on_bad_case"] == "error":
+                raise
+            LOG.warning("skipping case %s: %s", case_id, err)
+            metas.append({**meta, "skipped": str(err)})
+            counts.append(0)
+            continue
+        metas.append({**meta, **geometry})
+        counts.append(len(arrays["labels"]))
+        for name, arr in arrays.items():
+            np.save(buffers / _buffer_name(len(metas) - 1, name), arr)
+    return metas, counts
+
+
+def build_shard(ds: Mapping[str, Any], case_ids: list[str], all_case_ids: list[str], out: str | os.PathLike) -> None:
+    """Slice cases ``case_ids`` into the shard store ``out`` (``slices.zarr`` layout without ``split``).
+
+    ``case_index`` is the position in ``all_case_ids``; ``slice_ids`` are local (0..M-1) until :func:`gather`,
+    which also assigns the splits (from the cases that were kept). A bad case raises :class:`DataError`
+    (``on_bad_case: error``; nothing is written) or is left out with a warning (``skip``; its ``cases``
+    entry has ``"skipped": reason``). Each case's slices are buffered on disk next to ``out`` (a marked
+    temporary directory that the next run removes if this one is killed), so memory holds one case at a time.
     """
     out = Path(out)
     index = {c: k for k, c in enumerate(all_case_ids)}
     missing = [c for c in case_ids if c not in index]
     if missing:
         raise DataError(f"case(s) {missing} are not among the dataset's cases")
-    splits = assign_splits(all_case_ids, ds["split"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    buffers = Path(tempfile.mkdtemp(prefix=f".{out.name}.buffers-", dir=out.parent))
+    remove_stale_temporaries(out)
+    buffers = make_owned_dir(temporary_sibling(out, "buffers"))
     try:
-        metas: list[dict[str, Any]] = []
-        counts: list[int] = []
-        for case_id in case_ids:
-            meta: dict[str, Any] = {"id": case_id, "index": index[case_id], "split": splits[case_id]}
-            try:
-                arrays, geometry = _case_slices(ds, read_case(ds, case_id))
-            except DataError as err:
-                if ds["on_bad_case"] == "error":
-                    raise
-                warnings.warn(f"skipping case {case_id}: {err}", stacklevel=2)
-                metas.append({**meta, "skipped": str(err)})
-                counts.append(0)
-                continue
-            metas.append({**meta, **geometry})
-            counts.append(len(arrays["labels"]))
-            for name, arr in arrays.items():
-                np.save(buffers / f"{len(metas) - 1}-{name.replace('/', '.')}.npy", arr)
-
-        specs = slice_arrays(len(ds["modalities"]), ds["image_size"])
+        metas, counts = _slice_cases(ds, case_ids, index, buffers)
+        specs = slice_arrays(len(ds["modalities"]), ds["image_size"], with_split=False)
         with ArrayStoreWriter(out, sum(counts), specs, _store_attrs(ds, all_case_ids, metas)) as writer:
             start = 0
             for k, (meta, m) in enumerate(zip(metas, counts)):
                 if m == 0:
                     continue
                 for name in specs:
-                    if name in ("case_index", "split", "slice_ids"):
-                        continue
-                    writer.write(name, start, np.load(buffers / f"{k}-{name.replace('/', '.')}.npy", mmap_mode="r"))
+                    if name not in ("case_index", "slice_ids"):
+                        writer.write(name, start, np.load(buffers / _buffer_name(k, name), mmap_mode="r"))
                 writer.write("case_index", start, np.full(m, meta["index"], dtype=np.int32))
-                writer.write("split", start, np.full(m, SPLITS.index(meta["split"]), dtype=np.uint8))
                 writer.write("slice_ids", start, np.arange(start, start + m, dtype=np.int64))
                 start += m
     finally:
@@ -227,74 +245,136 @@ def _runs(owner: np.ndarray, local: np.ndarray, max_len: int) -> Iterable[tuple[
         start = end
 
 
-def gather(shard_paths: Sequence[str | os.PathLike], out: str | os.PathLike, manifest_csv: str | os.PathLike) -> None:
-    """Combine shard stores into ``slices.zarr`` at ``out`` and write the manifest CSV.
-
-    Rows are ordered by (case_index, slice_index) and get global ``slice_ids`` 0..N-1. The ``cases``
-    attribute lists every case of ``case_ids`` in that order (so ``cases[case_index]`` is a row's case);
-    the shards must cover every case exactly once. Streams blocks of rows, memory independent of N.
-    Manifest columns: slice_id, case, slice_index, split, label, target_fraction, body_fraction.
-    Raises :class:`DataError` when there are no slices at all.
-    """
-    shard_paths = [Path(p) for p in shard_paths]
-    if not shard_paths:
-        raise DataError(f"no shards to gather into {out}")
-    shards = [open_store(p) for p in shard_paths]
+def _collect_cases(shard_paths: Sequence[Path], shards: Sequence[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Common attributes of the shards and the metadata of every case, in ``case_ids`` order."""
     ref = dict(shards[0].attrs)
     for path, shard in zip(shard_paths, shards):
         for key in ("dataset", "modalities", "image_size", "case_ids"):
             if shard.attrs[key] != ref[key]:
                 raise DataError(f"shard {path} has {key}={shard.attrs[key]!r}, other shards {ref[key]!r}")
-    case_ids = list(ref["case_ids"])
     by_index: dict[int, dict[str, Any]] = {}
     for path, shard in zip(shard_paths, shards):
         for meta in shard.attrs["cases"]:
             if meta["index"] in by_index:
                 raise DataError(f"case {meta['id']} appears in two shards (second: {path})")
             by_index[meta["index"]] = meta
-    absent = [c for k, c in enumerate(case_ids) if k not in by_index]
+    absent = [c for k, c in enumerate(ref["case_ids"]) if k not in by_index]
     if absent:
         raise DataError(f"no shard holds case(s) {absent}")
-    cases = [by_index[k] for k in range(len(case_ids))]
+    return ref, [by_index[k] for k in range(len(ref["case_ids"]))]
 
+
+def _with_splits(cases: list[dict[str, Any]], split_cfg: Mapping[str, Any], dataset: str) -> list[dict[str, Any]]:
+    """Case metadata with ``split`` assigned from the kept cases (skipped cases get ``None``)."""
+    skipped = {m["id"]: m["skipped"] for m in cases if "skipped" in m}
+    kept = [m["id"] for m in cases if "skipped" not in m]
+    if not kept:
+        reasons = "; ".join(f"{c}: {why}" for c, why in skipped.items())
+        raise DataError(f"dataset {dataset}: every case was skipped ({reasons})")
+    try:
+        split = assign_splits(kept, split_cfg, skipped)
+    except DataError as err:
+        raise DataError(f"dataset {dataset}: {err}") from None
+    return [{"id": m["id"], "index": m["index"], "split": split.get(m["id"]), **m} for m in cases]
+
+
+def write_skipped_cases(cases: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """``case,reason`` of every skipped case (only the header when none was skipped), atomically."""
+    frame = pd.DataFrame(
+        [(m["id"], m["skipped"]) for m in cases if "skipped" in m], columns=["case", "reason"]
+    )
+    with atomic_file(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def gather(
+    shard_paths: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    manifest_csv: str | os.PathLike,
+    skipped_csv: str | os.PathLike,
+    split_cfg: Mapping[str, Any],
+) -> None:
+    """Combine shard stores into ``slices.zarr`` at ``out``, assign the splits, write the two CSVs.
+
+    Rows are ordered by (case_index, slice_index) and get global ``slice_ids`` 0..N-1. The ``cases``
+    attribute lists every case of ``case_ids`` in that order (so ``cases[case_index]`` is a row's case);
+    the shards must cover every case exactly once. Splits are drawn from the kept cases only
+    (:func:`cldf.data.splits.assign_splits`); ``skipped_csv`` lists the skipped cases with their reason.
+    Streams blocks of rows, memory independent of N. Manifest columns: slice_id, case, slice_index, split,
+    label, target_fraction, body_fraction. Raises :class:`DataError` when every case was skipped or a
+    split the config asks for is empty.
+    """
+    shard_paths = [Path(p) for p in shard_paths]
+    if not shard_paths:
+        raise DataError(f"no shards to gather into {out}")
+    shards = [open_store(p) for p in shard_paths]
+    ref, cases = _collect_cases(shard_paths, shards)
+    cases = _with_splits(cases, split_cfg, ref["dataset"])
+    for meta in cases:
+        if "skipped" in meta:
+            LOG.warning("case %s was skipped: %s", meta["id"], meta["skipped"])
     case_index = np.concatenate([np.asarray(s["case_index"][:], dtype=np.int64) for s in shards])
     slice_index = np.concatenate([np.asarray(s["slice_index"][:], dtype=np.int64) for s in shards])
-    if len(case_index) == 0:
-        reasons = "; ".join(f"{m['id']}: {m['skipped']}" for m in cases if "skipped" in m)
-        raise DataError(f"no slices to write into {out}: every case was skipped or had no kept slice ({reasons})")
     owner = np.concatenate([np.full(s["labels"].shape[0], k) for k, s in enumerate(shards)])
     local = np.concatenate([np.arange(s["labels"].shape[0]) for s in shards])
     order = np.lexsort((slice_index, case_index))
-    owner, local = owner[order], local[order]
+    split_codes = np.asarray([SPLITS.index(m["split"]) if m["split"] else 0 for m in cases], dtype=np.uint8)
+    columns = _write_gathered(shards, owner[order], local[order], split_codes, ref, cases, out)
+    write_skipped_cases(cases, skipped_csv)
+    _write_manifest(ref["case_ids"], case_index[order], slice_index[order], columns, manifest_csv)
 
+
+def _write_gathered(
+    shards: Sequence[Any],
+    owner: np.ndarray,
+    local: np.ndarray,
+    split_codes: np.ndarray,
+    ref: Mapping[str, Any],
+    cases: list[dict[str, Any]],
+    out: str | os.PathLike,
+) -> dict[str, np.ndarray]:
+    """Stream the shards' rows (in the order given by ``owner``/``local``) into ``out``.
+
+    Returns the per-row columns the manifest needs (labels, split, body and target fractions).
+    """
     ds_like = {"name": ref["dataset"], "modalities": ref["modalities"], "image_size": ref["image_size"]}
     specs = slice_arrays(len(ref["modalities"]), int(ref["image_size"]))
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "split", "body_fraction", "target_fraction")}
-    with ArrayStoreWriter(out, len(order), specs, _store_attrs(ds_like, case_ids, cases)) as writer:
+    with ArrayStoreWriter(out, len(owner), specs, _store_attrs(ds_like, ref["case_ids"], cases)) as writer:
         for start, length, k, lo in _runs(owner, local, Z_CHUNK):
             shard = shards[k]
             for name in specs:
-                if name == "slice_ids":
+                if name in ("slice_ids", "split"):
                     continue
                 block = np.asarray(shard[name][lo : lo + length])
                 writer.write(name, start, block)
                 key = "target_fraction" if name.endswith("target_fraction") else name
                 if key in columns:
                     columns[key].append(block)
-        writer.write("slice_ids", 0, np.arange(len(order), dtype=np.int64))
+            split = split_codes[np.asarray(shard["case_index"][lo : lo + length], dtype=np.int64)]
+            writer.write("split", start, split)
+            columns["split"].append(split)
+        writer.write("slice_ids", 0, np.arange(len(owner), dtype=np.int64))
+    return {k: np.concatenate(v) for k, v in columns.items()}
 
-    manifest_csv = Path(manifest_csv)
-    manifest_csv.parent.mkdir(parents=True, exist_ok=True)
-    tmp_csv = manifest_csv.with_name(f".{manifest_csv.name}.tmp-{os.getpid()}")
-    pd.DataFrame(
+
+def _write_manifest(
+    case_ids: Sequence[str],
+    case_index: np.ndarray,
+    slice_index: np.ndarray,
+    columns: Mapping[str, np.ndarray],
+    manifest_csv: str | os.PathLike,
+) -> None:
+    frame = pd.DataFrame(
         {
-            "slice_id": np.arange(len(order)),
-            "case": np.asarray(case_ids, dtype=object)[case_index[order]],
-            "slice_index": slice_index[order],
-            "split": np.asarray(SPLITS, dtype=object)[np.concatenate(columns["split"]).astype(np.int64)],
-            "label": np.concatenate(columns["labels"]),
-            "target_fraction": np.concatenate(columns["target_fraction"]),
-            "body_fraction": np.concatenate(columns["body_fraction"]),
+            "slice_id": np.arange(len(case_index)),
+            "case": np.asarray(case_ids, dtype=object)[case_index],
+            "slice_index": slice_index,
+            "split": np.asarray(SPLITS, dtype=object)[columns["split"].astype(np.int64)],
+            "label": columns["labels"],
+            "target_fraction": columns["target_fraction"],
+            "body_fraction": columns["body_fraction"],
         }
-    ).to_csv(tmp_csv, index=False, float_format="%.6g")
-    os.replace(tmp_csv, manifest_csv)
+    )
+    with atomic_file(manifest_csv) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")

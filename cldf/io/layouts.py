@@ -12,10 +12,14 @@ Layouts
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
+from cldf.atomic import MARKER
 from cldf.io.errors import DataError
+
+LOG = logging.getLogger("cldf.io")
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 FLARE_IMAGES = "TrainingImg"
@@ -58,53 +62,85 @@ def _limit(ds: Mapping[str, Any], cases: list[str]) -> list[str]:
     return cases[: int(max_cases)] if max_cases else cases
 
 
+def _is_brats_case(entry: Path) -> bool:
+    """A BraTS case is a directory ``<case>`` holding at least one ``<case>_*.nii[.gz]`` file."""
+    if not entry.is_dir() or entry.name.startswith("."):
+        return False
+    prefix = entry.name + "_"
+    return any(p.name.startswith(prefix) and _strip_nifti(p.name) is not None for p in entry.iterdir())
+
+
+def _ignore(entry: Path, why: str) -> None:
+    if entry.name != MARKER:
+        LOG.warning("ignoring %s: %s", entry, why)
+
+
+def _brats_cases(ds: Mapping[str, Any], root: Path) -> list[str]:
+    cases = []
+    for entry in sorted(root.iterdir()):
+        if _is_brats_case(entry):
+            cases.append(entry.name)
+        else:
+            _ignore(entry, f"not a case directory (no {entry.name}_<modality>.nii.gz inside)")
+    if not cases:
+        raise DataError(
+            f"dataset root {root} (config key datasets.{ds['name']}.root) holds no case directories; "
+            f"expected <root>/<case>/<case>_{{{','.join(ds['modalities'])},seg}}.nii.gz"
+        )
+    return cases
+
+
+def _flare_cases(ds: Mapping[str, Any], root: Path) -> list[str]:
+    images = root / FLARE_IMAGES
+    if not images.is_dir():
+        raise DataError(
+            f"{images} does not exist: a FLARE root (config key datasets.{ds['name']}.root) needs "
+            f"{FLARE_IMAGES}/ and {FLARE_MASKS}/"
+        )
+    cases = []
+    for entry in sorted(images.iterdir()):
+        stem = _strip_nifti(entry.name)
+        if entry.is_file() and stem is not None and stem.endswith(FLARE_IMAGE_SUFFIX) and not stem.startswith("."):
+            cases.append(stem[: -len(FLARE_IMAGE_SUFFIX)])
+        else:
+            _ignore(entry, f"not a <case>{FLARE_IMAGE_SUFFIX}.nii.gz image")
+    if not cases:
+        raise DataError(f"{images} holds no <case>{FLARE_IMAGE_SUFFIX}.nii.gz files")
+    return cases
+
+
 def list_cases(ds: Mapping[str, Any]) -> list[str]:
-    """Sorted case ids of dataset ``ds`` (the first ``max_cases`` when set), from directory listings only."""
+    """Sorted case ids of dataset ``ds`` (the first ``max_cases`` when set), from directory listings only.
+
+    Entries that are not cases (``__MACOSX/``, ``.DS_Store``, a ``README.txt``, a folder without
+    ``<case>_*.nii.gz`` files) are ignored with a warning on the ``cldf.io`` logger, never read as cases.
+    """
     layout = ds["layout"]
     if layout == "synthetic":
         return _limit(ds, [synthetic_case_id(i) for i in range(int(ds["phantom"]["n_cases"]))])
-    root = _root(ds)
     if layout == "brats":
-        cases = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not cases:
-            raise DataError(
-                f"dataset root {root} (config key datasets.{ds['name']}.root) holds no case directories; "
-                f"expected <root>/<case>/<case>_{{{','.join(ds['modalities'])},seg}}.nii.gz"
-            )
-    elif layout == "flare":
-        images = root / FLARE_IMAGES
-        if not images.is_dir():
-            raise DataError(
-                f"{images} does not exist: a FLARE root (config key datasets.{ds['name']}.root) needs "
-                f"{FLARE_IMAGES}/ and {FLARE_MASKS}/"
-            )
-        stems = (_strip_nifti(p.name) for p in images.iterdir())
-        cases = sorted(
-            s[: -len(FLARE_IMAGE_SUFFIX)] for s in stems if s is not None and s.endswith(FLARE_IMAGE_SUFFIX)
-        )
-        if not cases:
-            raise DataError(f"{images} holds no <case>{FLARE_IMAGE_SUFFIX}.nii.gz files")
-    else:
-        raise DataError(f"config key datasets.{ds['name']}.layout: unknown layout {layout!r}")
-    return _limit(ds, cases)
+        return _limit(ds, _brats_cases(ds, _root(ds)))
+    if layout == "flare":
+        return _limit(ds, _flare_cases(ds, _root(ds)))
+    raise DataError(f"config key datasets.{ds['name']}.layout: unknown layout {layout!r}")
 
 
-def _find_nifti(directory: Path, stem: str) -> Path:
+def _find_nifti(directory: Path, stem: str, missing_ok: bool) -> Path | None:
     for suffix in NIFTI_SUFFIXES:
         path = directory / f"{stem}{suffix}"
         if path.is_file():
             return path
+    if missing_ok:
+        return None
     raise DataError(f"missing file {directory / (stem + NIFTI_SUFFIXES[0])} (or .nii)")
 
 
-def case_files(ds: Mapping[str, Any], case_id: str) -> dict[str, Path]:
-    """Files of one case: ``{modality: path, ..., "seg": path}``; a missing file is a :class:`DataError`."""
+def _expected_files(ds: Mapping[str, Any], case_id: str) -> dict[str, tuple[Path, str]]:
+    """``{modality or "seg": (directory, file stem)}`` of one case."""
     root = _root(ds)
     if ds["layout"] in ("brats", "synthetic"):
         folder = root / case_id
-        files = {m: _find_nifti(folder, f"{case_id}_{m}") for m in ds["modalities"]}
-        files["seg"] = _find_nifti(folder, f"{case_id}_seg")
-        return files
+        return {name: (folder, f"{case_id}_{name}") for name in [*ds["modalities"], "seg"]}
     if ds["layout"] == "flare":
         if len(ds["modalities"]) != 1:
             raise DataError(
@@ -112,7 +148,16 @@ def case_files(ds: Mapping[str, Any], case_id: str) -> dict[str, Path]:
                 f"got {ds['modalities']}"
             )
         return {
-            ds["modalities"][0]: _find_nifti(root / FLARE_IMAGES, f"{case_id}{FLARE_IMAGE_SUFFIX}"),
-            "seg": _find_nifti(root / FLARE_MASKS, case_id),
+            ds["modalities"][0]: (root / FLARE_IMAGES, f"{case_id}{FLARE_IMAGE_SUFFIX}"),
+            "seg": (root / FLARE_MASKS, case_id),
         }
     raise DataError(f"config key datasets.{ds['name']}.layout: unknown layout {ds['layout']!r}")
+
+
+def case_files(ds: Mapping[str, Any], case_id: str, missing_ok: bool = False) -> dict[str, Path]:
+    """Files of one case: ``{modality: path, ..., "seg": path}``.
+
+    A missing file is a :class:`DataError` naming it, or, with ``missing_ok``, left out of the result.
+    """
+    found = {name: _find_nifti(folder, stem, missing_ok) for name, (folder, stem) in _expected_files(ds, case_id).items()}
+    return {name: path for name, path in found.items() if path is not None}

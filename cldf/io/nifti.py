@@ -65,7 +65,8 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel/gzip/zlib raise many types for corrupt files
-        raise DataError(f"{path}: unreadable NIfTI file ({type(err).__name__}: {err})".splitlines()[0]) from None
+        detail = " ".join(str(err).split())
+        raise DataError(f"{path}: unreadable NIfTI file ({type(err).__name__}: {detail})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

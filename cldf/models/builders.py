@@ -15,6 +15,8 @@ from monai.networks.nets.diffusion_model_unet import DiffusionModelEncoder
 from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
+from cldf.models.decoder import PixelDecoder
+
 MODEL_KINDS = ("cdm", "noisy_classifier", "cam_classifier", "fsl_unet")
 NULL_CLASS = 2
 """Class label of the CDM's null (unconditional) embedding used for classifier-free guidance."""
@@ -72,6 +74,8 @@ def build_model(kind: str, settings: Mapping[str, Any], in_channels: int) -> nn.
     - ``cam_classifier``: 2-D ResNet-18 on clean images, (B, C, H, W) → logits (B, 2); blocks
       ``layer1`` … ``layer4`` are the CAM target layers.
     - ``fsl_unet``: fully supervised UNet, (B, C, H, W) → mask logits (B, 1, H, W).
+    - ``pixel_decoder``: CLDF's per-pixel MLP (:class:`cldf.models.decoder.PixelDecoder`), features
+      (P, D) → unit embeddings (P, E); ``in_channels`` is the feature dimension D.
     """
     if kind == "cdm":
         return DiffusionModelUNet(
@@ -98,6 +102,8 @@ def build_model(kind: str, settings: Mapping[str, Any], in_channels: int) -> nn.
             conv1_t_stride=int(settings.get("conv1_stride", 2)),
             no_max_pool=not bool(settings.get("max_pool", True)),
         )
+    if kind == "pixel_decoder":
+        return PixelDecoder(in_channels, settings["widths"])
     if kind == "fsl_unet":
         channels = tuple(int(c) for c in settings["channels"])
         return UNet(

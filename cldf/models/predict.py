@@ -22,7 +22,7 @@ def predict_fsl(
 ) -> None:
     """Threshold the UNet's sigmoid at 0.5 on every test slice; write ``slice_ids`` and ``masks`` (N, H, W)."""
     slices = SliceStore(slices_path)
-    model = load_model(model_path, device)
+    model = load_model(model_path, device, "fsl_unet", {"image_size": slices.image_size, "in_channels": slices.channels})
     ids = slices.indices(split="test")
     size = slices.image_size
     with ArrayStoreWriter(out, len(ids), {"slice_ids": ((), "int64"), "masks": ((size, size), "uint8")}) as w:

@@ -19,9 +19,9 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 from cldf.segment.baselines import POSITIVE_PROBABILITY
-from cldf.segment.decoder import embed_slices
-from cldf.segment.features import iter_feature_batches
-from cldf.segment.train import load_decoder
+from cldf.models.decoder import embed_slices
+from cldf.segment.features import feature_dim, iter_feature_batches
+from cldf.segment.train import check_feature_dim, load_decoder
 from cldf.store import ArrayStoreWriter, MapStore, SliceStore
 
 N_INIT = 3
@@ -105,6 +105,7 @@ def run_segmentation(
     slices = SliceStore(slices_path)
     ids = slices.indices(split=None if splits is None else list(splits), cases=cases)
     decoder, checkpoint = load_decoder(decoder_path, device)
+    check_feature_dim(checkpoint, decoder_path, feature_dim(features_path))
     prototype = checkpoint["prototypes"]["foreground"]
     k = int(settings["k"])
     gate = bool(settings["empty_if_classifier_negative"])

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cldf.segment.decoder import PixelDecoder, embed_slices
+from cldf.models.checkpoint import CheckpointError, load_checkpoint, model_from_payload, save_checkpoint
+from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import feature_dim, iter_feature_batches
 from cldf.segment.selection import MODE_MAPS, select_pixels
 from cldf.segment.supcon import supcon_loss
@@ -105,9 +106,9 @@ def train_decoder(
         ``{"selection": {mode, threshold, quantile, max_background, max_foreground},
         "decoder": {widths, temperature, optimizer, lr, epochs, batch_size}}`` (``cldf:`` config section).
     out
-        Checkpoint path, written atomically: a dict with ``kind``, ``state_dict``, ``in_dim``, ``widths``,
-        ``prototypes`` (``foreground``/``background``: float32 (E,) unit vectors), ``settings``, ``seed``,
-        ``stats``.
+        Checkpoint path (the format of :mod:`cldf.models.checkpoint`): ``kind`` "pixel_decoder",
+        ``settings`` (``widths`` and the training settings), ``in_channels`` = D, ``state_dict``,
+        ``prototypes`` (``foreground``/``background``: float32 (E,) unit vectors), ``seed``, ``stats``.
     device
         Device of the decoder and of the per-batch features.
     seed
@@ -209,24 +210,15 @@ def train_decoder(
         "n_background_pixels": counts["background"],
         "positive_slices_without_foreground": positives_without_fg,
     }
-    checkpoint = {
+    save_checkpoint(out, {
         "kind": CHECKPOINT_KIND,
+        "settings": {"widths": list(decoder.widths), **_plain(settings)},
+        "in_channels": in_dim,
         "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
-        "in_dim": in_dim,
-        "widths": list(decoder.widths),
         "prototypes": prototypes,
-        "settings": _plain(settings),
         "seed": int(seed),
         "stats": stats,
-    }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    })
     return stats
 
 
@@ -242,9 +234,14 @@ def _plain(value: Any) -> Any:
 def load_decoder(path: str | os.PathLike, device: torch.device) -> tuple[PixelDecoder, dict[str, Any]]:
     """Load a checkpoint written by :func:`train_decoder`: the decoder (eval mode, on ``device``) and the
     whole checkpoint dict (``prototypes``, ``settings``, ``stats`` ...)."""
-    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if checkpoint.get("kind") != CHECKPOINT_KIND:
-        raise ValueError(f"{path} is not a pixel-decoder checkpoint (kind {checkpoint.get('kind')!r})")
-    decoder = PixelDecoder(int(checkpoint["in_dim"]), checkpoint["widths"])
-    decoder.load_state_dict(checkpoint["state_dict"])
-    return decoder.to(device).eval(), checkpoint
+    checkpoint = load_checkpoint(path, kind=CHECKPOINT_KIND)
+    return model_from_payload(checkpoint, device), checkpoint
+
+
+def check_feature_dim(checkpoint: Mapping[str, Any], path: str | os.PathLike, in_dim: int) -> None:
+    """Refuse (one line) a decoder trained on features of another dimension than ``in_dim``."""
+    if int(checkpoint["in_channels"]) != int(in_dim):
+        raise CheckpointError(
+            f"checkpoint {path} was trained on {checkpoint['in_channels']}-dimensional features, the feature store "
+            f"holds {in_dim}; delete it and re-run to retrain it"
+        )

@@ -2,9 +2,9 @@
 
 import json
 import math
+import shlex
 import shutil
-
-from snakemake.exceptions import WorkflowError
+import sys
 
 from cldf.config import (
     ConfigError,
@@ -12,22 +12,25 @@ from cldf.config import (
     model_settings,
     validate_config,
 )
-from cldf.data.splits import assign_splits
 from cldf.io.errors import DataError
 from cldf.io.layouts import list_cases
 from cldf.segment.selection import MODE_MAPS
 
+
+
+def stop(message):
+    """End the workflow with one line on stderr (no traceback): bad config or missing data."""
+    print(f"cldf: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 try:
     validate_config(config, workflow.source_path("../schemas/config.schema.yaml"))
 except ConfigError as err:
-    raise WorkflowError(f"invalid configuration: {err}") from None
+    stop(f"invalid configuration: {err}")
 
 R = config["results_dir"]
 CAMS = config["cams"]["methods"]
-if config["cldf"]["cam"] not in CAMS:
-    raise WorkflowError(
-        f"invalid configuration: config key cldf.cam: {config['cldf']['cam']!r} is not in cams.methods {CAMS}"
-    )
 MODEL_KINDS = ["cdm", "noisy_classifier", "cam_classifier", "fsl_unet"]
 DEVICE = config["device"]
 # Jobs that use the GPU declare `gpu: GPU`; the local profile caps the resource at 1 so GPU jobs run one
@@ -52,7 +55,7 @@ def ds_settings(dataset):
     try:
         return dataset_settings(config, dataset)
     except ConfigError as err:
-        raise WorkflowError(str(err)) from None
+        stop(str(err))
 
 
 _CASES = {}
@@ -64,7 +67,7 @@ def cases(dataset):
         try:
             _CASES[dataset] = list_cases(ds_settings(dataset))
         except DataError as err:
-            raise WorkflowError(str(err)) from None
+            stop(str(err))
     return _CASES[dataset]
 
 
@@ -77,13 +80,6 @@ def shard_cases(dataset, shard):
     size = config["shard_size"]
     start = int(shard) * size
     return ",".join(str(i) for i in range(start, min(start + size, len(cases(dataset)))))
-
-
-def test_shards(dataset):
-    """Shards that hold at least one test case (segmentation and export only need those)."""
-    split = assign_splits(cases(dataset), ds_settings(dataset)["split"])
-    size = config["shard_size"]
-    return sorted({i // size for i, c in enumerate(cases(dataset)) if split[c] == "test"})
 
 
 def shard_paths(pattern, dataset, **fmt):
@@ -102,10 +98,11 @@ def raw_inputs(wildcards):
     from cldf.io.layouts import case_files
 
     idx = [int(i) for i in shard_cases(wildcards.dataset, wildcards.shard).split(",")]
+    skip = ds["on_bad_case"] == "skip"  # a case with a missing file is then skipped by the job, not here
     try:
-        return [str(p) for i in idx for p in case_files(ds, cases(wildcards.dataset)[i]).values()]
+        return [str(p) for i in idx for p in case_files(ds, cases(wildcards.dataset)[i], missing_ok=skip).values()]
     except DataError as err:
-        raise WorkflowError(str(err)) from None
+        stop(str(err))
 
 
 def method_masks(dataset):

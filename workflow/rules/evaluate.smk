@@ -16,8 +16,8 @@ rule metrics:
         mem_mb=4000,
         runtime=30,
     shell:
-        "cldf metrics --slices {input.slices} --methods {params.methods:q} --out {output.table}"
-        " --per-slice {output.per_slice} > {log} 2>&1"
+        "cldf metrics --slices {input.slices:q} --methods {params.methods:q} --out {output.table:q}"
+        " --per-slice {output.per_slice:q} > {log:q} 2>&1"
 
 
 def figure_baselines(dataset):
@@ -46,6 +46,6 @@ rule figure:
         mem_mb=4000,
         runtime=30,
     shell:
-        "cldf figure --slices {input.slices} --cam {input.cam} --mg {input.mg} --cldf {input.cldf}"
-        " --metrics {input.metrics} --baselines {params.baselines:q} --selection {params.selection:q}"
-        " --out {output} > {log} 2>&1"
+        "cldf figure --slices {input.slices:q} --cam {input.cam:q} --mg {input.mg:q} --cldf {input.cldf:q}"
+        " --metrics {input.metrics:q} --baselines {params.baselines:q} --selection {params.selection:q}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -26,8 +26,8 @@ rule features_shard:
         runtime=120,
         gpu=GPU,
     shell:
-        "cldf features --slices {input.slices} --cdm {input.cdm} --settings {params.settings:q}"
-        " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+        "cldf features --slices {input.slices:q} --cdm {input.cdm:q} --settings {params.settings:q}"
+        " --cases {params.cases} --out {output:q} --device {DEVICE} --seed {SEED} --threads {threads} > {log:q} 2>&1"
 
 
 rule gradient_shard:
@@ -49,8 +49,8 @@ rule gradient_shard:
         runtime=120,
         gpu=GPU,
     shell:
-        "cldf gradient --slices {input.slices} --classifier {input.classifier} --settings {params.settings:q}"
-        " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+        "cldf gradient --slices {input.slices:q} --classifier {input.classifier:q} --settings {params.settings:q}"
+        " --cases {params.cases} --out {output:q} --device {DEVICE} --seed {SEED} --threads {threads} > {log:q} 2>&1"
 
 
 def cam_settings(method):
@@ -78,9 +78,9 @@ rule cam_shard:
         runtime=60,
         gpu=GPU,
     shell:
-        "cldf cam --slices {input.slices} --classifier {input.classifier} --method {wildcards.cam}"
-        " --settings {params.settings:q} --cases {params.cases} --out {output} --device {DEVICE}"
-        " --threads {threads} > {log} 2>&1"
+        "cldf cam --slices {input.slices:q} --classifier {input.classifier:q} --method {wildcards.cam}"
+        " --settings {params.settings:q} --cases {params.cases} --out {output:q} --device {DEVICE}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule probs_shard:
@@ -101,8 +101,8 @@ rule probs_shard:
         runtime=30,
         gpu=GPU,
     shell:
-        "cldf probs --slices {input.slices} --classifier {input.classifier} --settings {params.settings:q}"
-        " --cases {params.cases} --out {output} --device {DEVICE} --threads {threads} > {log} 2>&1"
+        "cldf probs --slices {input.slices:q} --classifier {input.classifier:q} --settings {params.settings:q}"
+        " --cases {params.cases} --out {output:q} --device {DEVICE} --threads {threads} > {log:q} 2>&1"
 
 
 rule saliency_shard:
@@ -124,14 +124,13 @@ rule saliency_shard:
         runtime=120,
         gpu=GPU,
     shell:
-        "cldf saliency --slices {input.slices} --cdm {input.cdm} --settings {params.settings:q}"
-        " --cases {params.cases} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+        "cldf saliency --slices {input.slices:q} --cdm {input.cdm:q} --settings {params.settings:q}"
+        " --cases {params.cases} --out {output:q} --device {DEVICE} --seed {SEED} --threads {threads} > {log:q} 2>&1"
 
 
 def gather_map_input(wildcards):
-    """Every shard of a map; the saliency baseline is only computed for shards holding test cases."""
-    shards = test_shards(wildcards.dataset) if wildcards.map == "saliency" else range(n_shards(wildcards.dataset))
-    return [f"{R}/{wildcards.dataset}/shards/{wildcards.map}/{k}.zarr" for k in shards]
+    """Every shard of a map (the saliency baseline holds the test slices of each shard only)."""
+    return [f"{R}/{wildcards.dataset}/shards/{wildcards.map}/{k}.zarr" for k in range(n_shards(wildcards.dataset))]
 
 
 rule gather_map:
@@ -148,4 +147,4 @@ rule gather_map:
         mem_mb=2000,
         runtime=30,
     shell:
-        "cldf gather --shards {input} --out {output} > {log} 2>&1"
+        "cldf gather --shards {input:q} --out {output:q} > {log:q} 2>&1"

@@ -29,8 +29,8 @@ rule train_model:
         runtime=lambda w: 1440 if config["model_preset"] == "paper" else 60,
         gpu=GPU * config["train_gpus"],
     shell:
-        "{params.launcher} train --kind {wildcards.kind} --slices {input} --settings {params.settings:q} --out {output.model}"
-        " --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+        "{params.launcher} train --kind {wildcards.kind} --slices {input:q} --settings {params.settings:q} --out {output.model:q}"
+        " --device {DEVICE} --seed {SEED} --threads {threads} > {log:q} 2>&1"
 
 
 rule cdm_samples:
@@ -47,4 +47,4 @@ rule cdm_samples:
         runtime=30,
         gpu=GPU,
     shell:
-        "cldf samples --cdm {input} --out {output} --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+        "cldf samples --cdm {input:q} --out {output:q} --device {DEVICE} --seed {SEED} --threads {threads} > {log:q} 2>&1"

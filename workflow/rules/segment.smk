@@ -36,7 +36,7 @@ for _mode, _sub in SELECTION_DIRS.items():
             f"{_CLDF}decoder.pt",
         params:
             settings=decoder_settings(_mode),
-            maps=lambda w, input, mode=_mode: " ".join(f"--{name} {input[name]}" for name in decoder_maps(mode)),
+            maps=lambda w, input, mode=_mode: " ".join(f"--{name} {shlex.quote(input[name])}" for name in decoder_maps(mode)),
         log:
             f"{_LOGS}decoder.log",
         benchmark:
@@ -47,9 +47,9 @@ for _mode, _sub in SELECTION_DIRS.items():
             runtime=60,
             gpu=GPU,
         shell:
-            "cldf decoder --slices {input.slices} --features {input.features} {params.maps}"
-            " --settings {params.settings:q} --out {output} --device {DEVICE} --seed {SEED} --threads {threads}"
-            " > {log} 2>&1"
+            "cldf decoder --slices {input.slices:q} --features {input.features:q} {params.maps}"
+            " --settings {params.settings:q} --out {output:q} --device {DEVICE} --seed {SEED} --threads {threads}"
+            " > {log:q} 2>&1"
 
     rule:
         name:
@@ -73,16 +73,17 @@ for _mode, _sub in SELECTION_DIRS.items():
             mem_mb=4000,
             runtime=60,
         shell:
-            "cldf segment --slices {input.slices} --features {input.features} --decoder {input.decoder}"
-            " --probs {input.probs} --settings {params.settings:q} --cases {params.cases} --out {output}"
-            " --device {DEVICE} --seed {SEED} --threads {threads} > {log} 2>&1"
+            "cldf segment --slices {input.slices:q} --features {input.features:q} --decoder {input.decoder:q}"
+            " --probs {input.probs:q} --settings {params.settings:q} --cases {params.cases} --out {output:q}"
+            " --device {DEVICE} --seed {SEED} --threads {threads} > {log:q} 2>&1"
 
     rule:
         name:
             f"masks_{_mode}"
         input:
             lambda w, sub=_sub: [
-                f"{R}/{w.dataset}/shards/cldf/{sub.format(cam=getattr(w, 'cam', ''))}masks/{k}.zarr" for k in test_shards(w.dataset)
+                f"{R}/{w.dataset}/shards/cldf/{sub.format(cam=getattr(w, 'cam', ''))}masks/{k}.zarr"
+                for k in range(n_shards(w.dataset))
             ],
         output:
             directory(f"{_CLDF}masks.zarr"),
@@ -92,7 +93,7 @@ for _mode, _sub in SELECTION_DIRS.items():
             mem_mb=2000,
             runtime=30,
         shell:
-            "cldf gather --shards {input} --out {output} > {log} 2>&1"
+            "cldf gather --shards {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 def baseline_map(wildcards):
@@ -118,7 +119,7 @@ rule baseline_masks:
         mem_mb=2000,
         runtime=30,
     shell:
-        "cldf baseline --slices {input.slices} --map {input.map} --probs {input.probs} --out {output} > {log} 2>&1"
+        "cldf baseline --slices {input.slices:q} --map {input.map:q} --probs {input.probs:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fsl_masks:
@@ -136,8 +137,8 @@ rule fsl_masks:
         runtime=30,
         gpu=GPU,
     shell:
-        "cldf predict-fsl --slices {input.slices} --model {input.model} --out {output} --device {DEVICE}"
-        " --threads {threads} > {log} 2>&1"
+        "cldf predict-fsl --slices {input.slices:q} --model {input.model:q} --out {output:q} --device {DEVICE}"
+        " --threads {threads} > {log:q} 2>&1"
 
 
 rule nifti:
@@ -153,4 +154,4 @@ rule nifti:
         mem_mb=4000,
         runtime=30,
     shell:
-        "cldf nifti --slices {input.slices} --masks {input.masks} --out {output} > {log} 2>&1"
+        "cldf nifti --slices {input.slices:q} --masks {input.masks:q} --out {output:q} > {log:q} 2>&1"
