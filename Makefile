@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # requirement would pull a multi-GB CUDA build. Set TORCH_SPEC to override.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 
-.PHONY: setup demo test test-slow brats18 clean
+.PHONY: setup demo test test-slow lint brats18 clean
 
 $(BIN)/cldf: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,16 @@ demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES)
 	@echo; echo "Comparison table: results/synthetic/metrics.csv"; cat results/synthetic/metrics.csv
 
+# Unit tests plus one tiny end-to-end run of the workflow (.test/config.yaml); under 10 minutes on 2 cores.
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
+# The full demo, the real-scan tests and the kill tests (tests marked slow).
 test-slow: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m slow --run-slow
+
+lint: setup
+	$(BIN)/snakemake --lint --snakefile workflow/Snakefile
 
 brats18: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) results/brats18_shared/metrics.csv

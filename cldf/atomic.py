@@ -22,12 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from cldf.errors import CldfError
+
 MARKER = ".cldf-owned"
 """Marker file of every directory the pipeline creates."""
 _TEMP = re.compile(r"\.(tmp|buffers)-(\d+)-[0-9a-f]{8}$")
 
 
-class UnsafePathError(RuntimeError):
+class UnsafePathError(CldfError, RuntimeError):
     """The pipeline was asked to remove or replace a path it did not create."""
 
 

@@ -96,47 +96,13 @@ def cmd_predict_fsl(args: argparse.Namespace) -> None:
 # --- maps ---------------------------------------------------------------------------------------
 
 
-def cmd_features(args: argparse.Namespace) -> None:
-    from cldf.maps.run import run_features
-    from cldf.models.builders import build_scheduler
+def cmd_map(args: argparse.Namespace) -> None:
+    from cldf.maps.run import run_map
+    from cldf.registry import MAPS
 
-    device = _device(args)
-    cdm = _model(args.cdm, "cdm", args)
-    run_features(args.slices, cdm, build_scheduler(), args.settings, args.cases, args.out, device, args.seed)
-
-
-def cmd_gradient(args: argparse.Namespace) -> None:
-    from cldf.maps.run import run_gradient
-    from cldf.models.builders import build_scheduler
-
-    device = _device(args)
-    clf = _model(args.classifier, "noisy_classifier", args)
-    run_gradient(args.slices, clf, build_scheduler(), args.settings, args.cases, args.out, device, args.seed)
-
-
-def cmd_cam(args: argparse.Namespace) -> None:
-    from cldf.maps.run import run_cam
-
-    device = _device(args)
-    model = _model(args.classifier, "cam_classifier", args)
-    run_cam(args.slices, model, args.method, args.settings, args.cases, args.out, device)
-
-
-def cmd_probs(args: argparse.Namespace) -> None:
-    from cldf.maps.run import run_classifier_probs
-
-    device = _device(args)
-    model = _model(args.classifier, "cam_classifier", args)
-    run_classifier_probs(args.slices, model, args.settings["batch_size"], args.cases, args.out, device)
-
-
-def cmd_saliency(args: argparse.Namespace) -> None:
-    from cldf.maps.run import run_saliency
-    from cldf.models.builders import build_scheduler
-
-    device = _device(args)
-    cdm = _model(args.cdm, "cdm", args)
-    run_saliency(args.slices, cdm, build_scheduler(), args.settings, args.cases, args.out, device, splits=["test"])
+    method = MAPS[args.map]
+    model = _model(args.model, method.model, args)
+    run_map(args.slices, method, model, args.settings, args.cases, args.out, _device(args), args.seed)
 
 
 def cmd_gather(args: argparse.Namespace) -> None:
@@ -220,9 +186,21 @@ def cmd_figure(args: argparse.Namespace) -> None:
     }, args.out)
 
 
+def _model_kinds() -> list[str]:
+    from cldf.registry import MODEL_KINDS
+
+    return list(MODEL_KINDS)
+
+
+def _map_names() -> list[str]:
+    from cldf.registry import MAPS
+
+    return list(MAPS)
+
+
 Command = tuple[Callable[[argparse.Namespace], None], list[tuple[tuple[str, ...], dict[str, Any]]]]
 
-_SLICES = (("--slices",), {"required": True, "help": "slices.zarr"})
+_SLICES = (("--slices",), {"required": True, "help": "the slice store"})
 _OUT = (("--out",), {"required": True})
 _SETTINGS = (("--settings",), {"type": _json, "required": True, "help": "step settings as JSON"})
 _CASES = (("--cases",), {"type": _ints, "default": "", "help": "comma-separated case indices of the shard"})
@@ -232,29 +210,21 @@ COMMANDS: dict[str, tuple[str, Command]] = {
         (("--dataset",), {"type": _json, "required": True}), (("--manifest",), {"required": True})])),
     "slices-shard": ("NIfTI cases of one shard → slice store", (cmd_slices_shard, [
         (("--dataset",), {"type": _json, "required": True}), _CASES, _OUT])),
-    "slices-gather": ("gather slice shards → slices.zarr + manifest CSV + skipped cases", (cmd_slices_gather, [
+    "slices-gather": ("gather slice shards → the slice store + manifest CSV + skipped cases", (cmd_slices_gather, [
         (("--shards",), {"nargs": "+", "required": True}), _OUT, (("--manifest",), {"required": True}),
         (("--skipped",), {"required": True, "help": "skipped_cases.csv"}),
         (("--split",), {"type": _json, "required": True, "help": "the dataset's split settings"})])),
     "train": ("train one model (cdm, noisy_classifier, cam_classifier, fsl_unet)", (cmd_train, [
-        (("--kind",), {"required": True, "choices": ["cdm", "noisy_classifier", "cam_classifier", "fsl_unet"]}),
+        (("--kind",), {"required": True, "choices": _model_kinds()}),
         _SLICES, _SETTINGS, _OUT])),
     "samples": ("class-conditional CDM samples as a PNG grid", (cmd_samples, [
         (("--cdm",), {"required": True}), (("--n-per-class",), {"type": int, "default": 8}),
         (("--guidance",), {"type": float, "default": 3.0, "help": "classifier-free guidance scale"}), _OUT])),
     "predict-fsl": ("masks of the fully supervised UNet on the test split", (cmd_predict_fsl, [
         _SLICES, (("--model",), {"required": True}), _OUT])),
-    "features": ("diffusion features of one shard", (cmd_features, [
-        _SLICES, (("--cdm",), {"required": True}), _SETTINGS, _CASES, _OUT])),
-    "gradient": ("mean-gradient maps of one shard", (cmd_gradient, [
-        _SLICES, (("--classifier",), {"required": True}), _SETTINGS, _CASES, _OUT])),
-    "cam": ("CAMs of one shard", (cmd_cam, [
-        _SLICES, (("--classifier",), {"required": True}), (("--method",), {"required": True}), _SETTINGS,
-        _CASES, _OUT])),
-    "probs": ("the CAM classifier's positive-class probabilities of one shard", (cmd_probs, [
-        _SLICES, (("--classifier",), {"required": True}), _SETTINGS, _CASES, _OUT])),
-    "saliency": ("CDM saliency baseline maps of one shard", (cmd_saliency, [
-        _SLICES, (("--cdm",), {"required": True}), _SETTINGS, _CASES, _OUT])),
+    "map": ("one registered per-slice map (features, gradients, a CAM, ...) of one shard", (cmd_map, [
+        _SLICES, (("--map",), {"required": True, "choices": _map_names()}),
+        (("--model",), {"required": True, "help": "the trained network the map reads"}), _SETTINGS, _CASES, _OUT])),
     "gather": ("gather row-aligned shard stores", (cmd_gather, [
         (("--shards",), {"nargs": "+", "required": True}), _OUT])),
     "decoder": ("train the contrastive pixel decoder", (cmd_decoder, [
@@ -293,17 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from cldf.atomic import UnsafePathError
-    from cldf.config import ConfigError
-    from cldf.io.errors import DataError
-    from cldf.models.checkpoint import CheckpointError
-    from cldf.store import StoreError
-
-    return (ConfigError, DataError, StoreError, CheckpointError, UnsafePathError, OSError)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from cldf.errors import CldfError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.threads:
@@ -312,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except _expected_errors() as err:
+    except (CldfError, OSError) as err:
         print(f"cldf {args.step}: error: {err}", file=sys.stderr)
         return 1
     return 0

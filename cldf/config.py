@@ -15,13 +15,15 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from cldf.errors import CldfError
+from cldf.registry import MODEL_KINDS, cam_methods
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 DEFAULT_CONFIG = REPO_ROOT / "config" / "config.yaml"
-MODEL_KINDS = ("cdm", "noisy_classifier", "cam_classifier", "fsl_unet")
 
 
-class ConfigError(ValueError):
+class ConfigError(CldfError, ValueError):
     """The configuration is invalid; the message names the offending key."""
 
 
@@ -33,6 +35,7 @@ def validate_config(config: Mapping[str, Any], schema_path: str | os.PathLike = 
     """Validate ``config`` against the schema; raise :class:`ConfigError` naming the first bad key."""
     with open(schema_path) as fh:
         schema = yaml.safe_load(fh)
+    schema["$defs"]["cam_method"] = {"enum": cam_methods()}  # the registry is the one list of CAM methods
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(dict(config)), key=lambda e: list(map(str, e.absolute_path)))
     if errors:

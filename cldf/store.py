@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 
 from cldf.atomic import atomic_dir
+from cldf.errors import CldfError
 
 # Snakemake drops a `.snakemake_timestamp` file into directory outputs, and every directory cldf creates
 # holds the ownership marker (cldf.atomic.MARKER); both are harmless to Zarr.
@@ -45,7 +46,7 @@ GROUND_TRUTH = "ground_truth"
 COMPLETE = "cldf_complete"
 
 
-class StoreError(RuntimeError):
+class StoreError(CldfError, RuntimeError):
     """An artifact is missing, incomplete or inconsistent."""
 
 
@@ -131,9 +132,6 @@ class ArrayStoreWriter:
             arr[start : start + len(data)] = data.astype(arr.dtype, copy=False)
         except OSError as err:
             raise StoreError(f"cannot write {self.path}: {err}") from err
-
-    def update_attrs(self, **attrs: Any) -> None:
-        self.group.attrs.update(attrs)
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -256,11 +254,6 @@ def _take_rows(array: zarr.Array, idx: Sequence[int] | np.ndarray) -> np.ndarray
 def read_ground_truth(path: str | os.PathLike, idx: Sequence[int] | np.ndarray) -> np.ndarray:
     """Ground-truth target masks of rows ``idx``: uint8 (B, H, W). For evaluation and the FSL bound only."""
     return _take_rows(open_store(path)[f"{GROUND_TRUTH}/masks"], idx)
-
-
-def read_rows(path: str | os.PathLike, name: str, idx: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Rows ``idx`` of array ``name`` of a finished map store (rows in the store's own order)."""
-    return _take_rows(open_store(path)[name], idx)
 
 
 class MapStore:

@@ -1,12 +1,65 @@
-"""A tiny synthetic ``slices.zarr`` for model tests: positives carry a bright blob, negatives do not."""
+"""Small stores for tests: a slice store from arrays, a row-aligned map store, and a tiny blob dataset."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
-from cldf.store import SPLITS, ArrayStoreWriter
+from cldf.data.slices import slice_arrays
+from cldf.store import GROUND_TRUTH, SPLITS, ArrayStoreWriter
+
+
+def write_slice_store(
+    path: Path,
+    images: np.ndarray,
+    labels: Sequence[int],
+    case_index: Sequence[int],
+    splits: Sequence[str],
+    masks: np.ndarray,
+    body: np.ndarray | None = None,
+    slice_index: Sequence[int] | None = None,
+    cases: list[dict[str, Any]] | None = None,
+    modalities: Sequence[str] | None = None,
+) -> Path:
+    """A slice store (the layout of :func:`cldf.data.slices.slice_arrays`) from in-memory arrays.
+
+    ``images`` (N, C, S, S) in [-1, 1], ``masks`` (N, S, S) ground truth, ``splits`` one name per case.
+    ``body`` defaults to every pixel, ``slice_index`` to 0..M-1 within each case, ``cases`` to minimal
+    entries, ``modalities`` to flair, t1, m2, ...
+    """
+    n, channels, size = images.shape[0], images.shape[1], images.shape[-1]
+    case_index = np.asarray(case_index, dtype=np.int32)
+    if slice_index is None:
+        slice_index = np.concatenate([np.arange((case_index == c).sum()) for c in np.unique(case_index)])
+    if cases is None:
+        cases = [{"id": f"case{k:02d}", "index": k, "split": s} for k, s in enumerate(splits)]
+    names = list(modalities or (["flair", "t1"][:channels] + [f"m{k}" for k in range(2, channels)]))
+    attrs = {"dataset": "tiny", "modalities": names, "image_size": size, "cases": cases,
+             "case_ids": [c["id"] for c in cases]}
+    split_codes = np.asarray([SPLITS.index(splits[c]) for c in case_index], np.uint8)
+    masks = np.asarray(masks)
+    columns = {
+        "images": images, "body": np.ones((n, size, size), bool) if body is None else body, "labels": labels,
+        "case_index": case_index, "slice_index": slice_index, "split": split_codes,
+        "slice_ids": np.arange(n), "body_fraction": np.ones(n), f"{GROUND_TRUTH}/masks": masks,
+        f"{GROUND_TRUTH}/target_fraction": masks.reshape(n, -1).mean(1),
+    }
+    with ArrayStoreWriter(path, n, slice_arrays(channels, size), attrs) as w:
+        for name, values in columns.items():
+            w.write(name, 0, np.asarray(values))
+    return path
+
+
+def write_map_store(path: Path, ids: np.ndarray, attrs: dict | None = None, **arrays: np.ndarray) -> Path:
+    """A row-aligned map store: ``slice_ids`` plus the given arrays (first axis = len(ids))."""
+    specs = {"slice_ids": ((), np.int64), **{k: (v.shape[1:], v.dtype) for k, v in arrays.items()}}
+    with ArrayStoreWriter(path, len(ids), specs, attrs) as w:
+        w.write("slice_ids", 0, np.asarray(ids))
+        for name, values in arrays.items():
+            w.write(name, 0, values)
+    return path
 
 
 def make_slices(
@@ -46,31 +99,6 @@ def make_slices(
             masks[i] = blob > 0.5
         labels[i] = kind
         images[i] = np.clip(img, -1, 1)
-    case_index = np.repeat(np.arange(n_cases), slices_per_case).astype(np.int32)
-    split_codes = np.asarray([SPLITS.index(splits[c]) for c in case_index], np.uint8)
-    attrs = {
-        "dataset": "tiny",
-        "modalities": ["flair", "t1"][:channels] + [f"m{k}" for k in range(2, channels)],
-        "image_size": size,
-        "cases": [{"id": f"case{k:02d}", "split": splits[k]} for k in range(n_cases)],
-    }
-    arrays = {
-        "images": ((channels, size, size), "float16"),
-        "body": ((size, size), "uint8"),
-        "labels": ((), "int8"),
-        "case_index": ((), "int32"),
-        "slice_index": ((), "int32"),
-        "split": ((), "uint8"),
-        "slice_ids": ((), "int64"),
-        "ground_truth/masks": ((size, size), "uint8"),
-    }
-    with ArrayStoreWriter(path, n, arrays, attrs) as w:
-        w.write("images", 0, images)
-        w.write("body", 0, np.broadcast_to(body, (n, size, size)).astype(np.uint8))
-        w.write("labels", 0, labels)
-        w.write("case_index", 0, case_index)
-        w.write("slice_index", 0, np.tile(np.arange(slices_per_case), n_cases).astype(np.int32))
-        w.write("split", 0, split_codes)
-        w.write("slice_ids", 0, np.arange(n, dtype=np.int64))
-        w.write("ground_truth/masks", 0, masks)
-    return path
+    case_index = np.repeat(np.arange(n_cases), slices_per_case)
+    return write_slice_store(path, images, labels, case_index, splits[:n_cases], masks,
+                             body=np.broadcast_to(body, (n, size, size)))

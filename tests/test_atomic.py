@@ -67,13 +67,13 @@ def test_failed_build_leaves_the_old_output_and_no_temporary(tmp_path: Path) -> 
 
 
 def test_stale_temporaries_of_other_processes_are_removed_foreign_ones_kept(tmp_path: Path) -> None:
-    out = tmp_path / "store.zarr"
-    stale_dir = temporary_sibling(out, "buffers").with_name(f".store.zarr.buffers-99999999-0123abcd")
+    out = tmp_path / "store"
+    stale_dir = temporary_sibling(out, "buffers").with_name(".store.buffers-99999999-0123abcd")
     stale_dir.mkdir()
     (stale_dir / MARKER).touch()
-    stale_file = tmp_path / ".store.zarr.tmp-99999999-89abcdef"
+    stale_file = tmp_path / ".store.tmp-99999999-89abcdef"
     stale_file.write_text("half")
-    foreign = tmp_path / ".store.zarr.tmp-99999999-fedcba98"
+    foreign = tmp_path / ".store.tmp-99999999-fedcba98"
     _user_folder(foreign)  # named like a temporary, but not marked: not ours
     mine = temporary_sibling(out)
     mine.mkdir()

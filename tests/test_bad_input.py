@@ -83,7 +83,7 @@ def _flair(case: str = "Synth_001") -> Path:
 def _slice_shard(work: Path, ds: dict, damage: Callable[[Path], None]) -> str:
     damage(work)
     cases = ",".join(str(i) for i in range(2))
-    return _cldf(work, "slices-shard", "--dataset", json.dumps(ds), "--cases", cases, "--out", "shard.zarr")
+    return _cldf(work, "slices-shard", "--dataset", json.dumps(ds), "--cases", cases, "--out", "shard")
 
 
 def _rewrite(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None:
@@ -218,10 +218,10 @@ def every_training_case_skipped(work: Path) -> str:
     ds = {**_brats(work), "on_bad_case": "skip"}
     _nan(work)
     res = subprocess.run([sys.executable, "-m", "cldf.cli", "slices-shard", "--dataset", json.dumps(ds), "--cases",
-                          "0,1", "--out", "shard.zarr"], cwd=work, capture_output=True, text=True, env=ENV)
+                          "0,1", "--out", "shard"], cwd=work, capture_output=True, text=True, env=ENV)
     assert res.returncode == 0, res.stderr
     split = json.dumps({"val_fraction": 0.0, "test_fraction": 0.5, "seed": 0})
-    return _cldf(work, "slices-gather", "--shards", "shard.zarr", "--out", "slices.zarr", "--manifest", "slices.csv",
+    return _cldf(work, "slices-gather", "--shards", "shard", "--out", "slices", "--manifest", "slices.csv",
                  "--skipped", "skipped_cases.csv", "--split", split)
 
 
@@ -236,29 +236,29 @@ def phantom_root_is_a_user_folder(work: Path) -> str:
 
 def _features_args(cdm: str) -> list[str]:
     settings = {"timesteps": [1], "layers": ["up_blocks.0"], "batch_size": 2}
-    return ["--slices", "slices.zarr", "--cdm", cdm, "--settings", json.dumps(settings), "--cases", "0",
-            "--out", "features.zarr", "--device", "cpu"]
+    return ["--map", "features", "--slices", "slices", "--model", cdm, "--settings", json.dumps(settings), "--cases", "0",
+            "--out", "features", "--device", "cpu"]
 
 
 def checkpoint_from_another_preset(work: Path) -> str:
-    make_slices(work / "slices.zarr", n_cases=2, slices_per_case=4, size=16)
+    make_slices(work / "slices", n_cases=2, slices_per_case=4, size=16)
     settings = {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1, "num_head_channels": 8}
     cdm = build_model("cdm", settings, 2)
     save_checkpoint(work / "cdm.pt", {"kind": "cdm", "settings": settings, "in_channels": 2, "image_size": 256,
                                       "state_dict": cdm.state_dict()})
-    return _cldf(work, "features", *_features_args("cdm.pt"))
+    return _cldf(work, "map", *_features_args("cdm.pt"))
 
 
 def truncated_checkpoint(work: Path) -> str:
-    make_slices(work / "slices.zarr", n_cases=2, slices_per_case=4, size=16)
+    make_slices(work / "slices", n_cases=2, slices_per_case=4, size=16)
     (work / "decoder.pt").write_bytes(b"PK\x03\x04" + b"\0" * 64)
     settings = json.dumps({"k": 2, "inside_body": True, "empty_if_classifier_negative": False})
-    return _cldf(work, "segment", "--slices", "slices.zarr", "--features", "features.zarr", "--decoder",
-                 "decoder.pt", "--settings", settings, "--cases", "0", "--out", "masks.zarr")
+    return _cldf(work, "segment", "--slices", "slices", "--features", "features", "--decoder",
+                 "decoder.pt", "--settings", settings, "--cases", "0", "--out", "masks")
 
 
 def missing_upstream_artifact(work: Path) -> str:
-    return _cldf(work, "gather", "--shards", "shards/features/0.zarr", "--out", "features.zarr")
+    return _cldf(work, "gather", "--shards", "shards/features/0", "--out", "features")
 
 
 def killed_run_lock(work: Path) -> str:

@@ -26,9 +26,9 @@ def brats_slices(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     cases = list_cases(ds)
     ds["split"] = {"val_fraction": 0, "test_fraction": 0, "seed": 0, "val_cases": [cases[-1]], "test_cases": []}
     tmp = tmp_path_factory.mktemp("brats")
-    build_shard(ds, cases, cases, tmp / "shard.zarr")
-    gather([tmp / "shard.zarr"], tmp / "slices.zarr", tmp / "slices.csv")
-    return tmp / "slices.zarr"
+    build_shard(ds, cases, cases, tmp / "shard")
+    gather([tmp / "shard"], tmp / "slices", tmp / "slices.csv", tmp / "skipped.csv", ds["split"])
+    return tmp / "slices"
 
 
 def _settings(kind: str) -> dict:

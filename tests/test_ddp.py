@@ -15,13 +15,13 @@ from tests.fixtures_slices import make_slices
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
-    slices = make_slices(tmp_path / "slices.zarr", n_cases=6, slices_per_case=12, splits=("train",) * 4 + ("val", "test"))
+    slices = make_slices(tmp_path / "slices", n_cases=6, slices_per_case=12, splits=("train",) * 4 + ("val", "test"))
     settings = {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1, "num_head_channels": 8,
                 "steps": 6, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 3, "ema_decay": 0.9, "class_dropout": 0.1}
     out = tmp_path / "models" / "cdm.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cldf.models.train", "--kind", "cdm", "--slices", str(slices), "--out", str(out),
-           "--settings-json", json.dumps(settings), "--device", "cpu", "--seed", "0"]
+           "-m", "cldf.cli", "train", "--kind", "cdm", "--slices", str(slices), "--out", str(out),
+           "--settings", json.dumps(settings), "--device", "cpu", "--seed", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]

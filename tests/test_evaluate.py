@@ -13,12 +13,14 @@ import pandas as pd
 import pytest
 
 import cldf.store
-from cldf.evaluate.figures import choose_rows, figure_grid, grid_size_pixels, plot_metrics_bar
-from cldf.evaluate.metrics import EMPTY_MASK_CONVENTION, image_diagonal, slice_metrics
+from cldf.evaluate.figures import choose_rows, figure_grid, grid_size_pixels
+from cldf.evaluate.metrics import image_diagonal, slice_metrics
 from cldf.evaluate.table import PER_SLICE_COLUMNS, TABLE_COLUMNS, evaluate_methods
 from cldf.segment import baselines
 from cldf.segment.baselines import POSITIVE_PROBABILITY, run_threshold_baseline, threshold_map
-from cldf.store import ArrayStoreWriter, SliceStore, StoreError, read_ground_truth
+from cldf.store import SliceStore, StoreError, read_ground_truth
+
+from .fixtures_slices import write_map_store, write_slice_store
 
 SIZE = 32
 # (case split, per-slice target half-widths; 0 = no target, 1 = a 2x2 target: ambiguous)
@@ -32,7 +34,7 @@ def _square(size: int, top: int, left: int, height: int, width: int) -> np.ndarr
 
 
 def _make_slices(path: Path) -> Path:
-    """A slices.zarr with 3 cases; labels from the target fraction (1 % rule), body = central disk."""
+    """A slices with 3 cases; labels from the target fraction (1 % rule), body = central disk."""
     yy, xx = np.mgrid[:SIZE, :SIZE]
     body = (yy - SIZE / 2 + 0.5) ** 2 + (xx - SIZE / 2 + 0.5) ** 2 < (SIZE / 2 - 1) ** 2
     rows = []
@@ -42,47 +44,18 @@ def _make_slices(path: Path) -> Path:
             fraction = gt.mean()
             label = 1 if fraction > 0.01 else (-1 if fraction > 0 else 0)
             rows.append((c, z, split, label, gt))
-    n = len(rows)
-    arrays = {
-        "images": ((2, SIZE, SIZE), np.float16),
-        "body": ((SIZE, SIZE), np.uint8),
-        "labels": ((), np.int8),
-        "case_index": ((), np.int32),
-        "slice_index": ((), np.int32),
-        "split": ((), np.uint8),
-        "slice_ids": ((), np.int64),
-        f"{cldf.store.GROUND_TRUTH}/masks": ((SIZE, SIZE), np.uint8),
-    }
-    cases = [{"id": f"case{c}", "split": s, "shape": [SIZE, SIZE, len(w)], "affine": np.eye(4).tolist(),
-              "spacing": [1.0, 1.0, 1.0], "crop": None} for c, (s, w) in enumerate(CASES)]
-    attrs = {"cases": cases, "modalities": ["flair", "t1"], "image_size": SIZE, "dataset": "tiny"}
-    with ArrayStoreWriter(path, n, arrays, attrs) as w:
-        w.write("labels", 0, np.array([r[3] for r in rows]))
-        w.write("case_index", 0, np.array([r[0] for r in rows]))
-        w.write("slice_index", 0, np.array([r[1] for r in rows]))
-        w.write("split", 0, np.array([cldf.store.SPLITS.index(r[2]) for r in rows]))
-        w.write("slice_ids", 0, np.arange(n))
-        for i, (_, _, _, _, gt) in enumerate(rows):
-            image = np.where(body, -0.5, -1.0) + gt
-            w.write("images", i, np.stack([image, -image])[None])
-            w.write("body", i, body[None])
-            w.write(f"{cldf.store.GROUND_TRUTH}/masks", i, gt[None])
-    return path
-
-
-def _write_store(path: Path, ids: np.ndarray, **arrays: np.ndarray) -> Path:
-    specs = {"slice_ids": ((), np.int64)}
-    specs.update({k: (v.shape[1:], v.dtype) for k, v in arrays.items()})
-    with ArrayStoreWriter(path, len(ids), specs, {}) as w:
-        w.write("slice_ids", 0, ids)
-        for name, value in arrays.items():
-            w.write(name, 0, value)
-    return path
+    images = np.stack([np.stack([np.where(body, -0.5, -1.0) + r[4], -(np.where(body, -0.5, -1.0) + r[4])])
+                       for r in rows])
+    cases = [{"id": f"case{c}", "index": c, "split": s, "shape": [SIZE, SIZE, len(w)], "affine": np.eye(4).tolist(),
+              "spacing": [1.0, 1.0, 1.0]} for c, (s, w) in enumerate(CASES)]
+    return write_slice_store(path, images, [r[3] for r in rows], [r[0] for r in rows], [s for s, _ in CASES],
+                             np.stack([r[4] for r in rows]), body=np.broadcast_to(body, (len(rows), SIZE, SIZE)),
+                             slice_index=[r[1] for r in rows], cases=cases)
 
 
 @pytest.fixture()
 def slices_path(tmp_path: Path) -> Path:
-    return _make_slices(tmp_path / "slices.zarr")
+    return _make_slices(tmp_path / "slices")
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -119,7 +92,6 @@ def test_empty_mask_conventions() -> None:
     assert frame.iloc[1].tolist() == pytest.approx([0.0, 0.0, diagonal])  # prediction missed the target
     assert frame.iloc[2].tolist() == pytest.approx([0.0, 0.0, diagonal])  # false positive
     assert np.isfinite(frame.to_numpy()).all()
-    assert "both empty" in EMPTY_MASK_CONVENTION and "diagonal" in EMPTY_MASK_CONVENTION
 
 
 def test_slice_metrics_rejects_mismatched_shapes() -> None:
@@ -135,9 +107,9 @@ def _method_stores(tmp: Path, slices_path: Path) -> dict[str, dict]:
     test = store.indices(split="test")
     gt = read_ground_truth(slices_path, test)
     return {
-        "perfect": {"masks": _write_store(tmp / "perfect.zarr", test, masks=gt), "cam": ""},
-        "empty": {"masks": _write_store(tmp / "empty.zarr", test, masks=np.zeros_like(gt)), "cam": "layercam"},
-        "full": {"masks": _write_store(tmp / "full.zarr", test[::-1].copy(), masks=np.ones_like(gt)), "cam": ""},
+        "perfect": {"masks": write_map_store(tmp / "perfect", test, masks=gt), "cam": ""},
+        "empty": {"masks": write_map_store(tmp / "empty", test, masks=np.zeros_like(gt)), "cam": "layercam"},
+        "full": {"masks": write_map_store(tmp / "full", test[::-1].copy(), masks=np.ones_like(gt)), "cam": ""},
     }
 
 
@@ -179,7 +151,7 @@ def test_table_aggregation(tmp_path: Path, slices_path: Path) -> None:
 
 def test_table_rejects_store_missing_test_slices(tmp_path: Path, slices_path: Path) -> None:
     test = SliceStore(slices_path).indices(split="test")
-    partial = _write_store(tmp_path / "partial.zarr", test[:-2], masks=np.zeros((len(test) - 2, SIZE, SIZE), np.uint8))
+    partial = write_map_store(tmp_path / "partial", test[:-2], masks=np.zeros((len(test) - 2, SIZE, SIZE), np.uint8))
     with pytest.raises(StoreError, match="lacks 2 of"):
         evaluate_methods(slices_path, {"p": {"masks": partial, "cam": ""}}, tmp_path / "m.csv", tmp_path / "s.csv")
     assert not (tmp_path / "m.csv").exists()
@@ -213,7 +185,7 @@ def test_threshold_baseline_never_reads_ground_truth(
     monkeypatch.setattr(cldf.store, "read_ground_truth", forbidden)
     assert "read_ground_truth" not in inspect.getsource(baselines)
     # Remove the ground truth from the store itself: any read would fail.
-    blind = tmp_path / "blind.zarr"
+    blind = tmp_path / "blind"
     shutil.copytree(slices_path, blind)
     shutil.rmtree(blind / cldf.store.GROUND_TRUTH)
 
@@ -222,18 +194,18 @@ def test_threshold_baseline_never_reads_ground_truth(
     body = store.body(ids)
     target = _square(SIZE, 10, 10, 8, 8)
     maps = np.where(target, 0.9, 0.1)[None].repeat(len(ids), 0).astype(np.float16)
-    map_path = _write_store(tmp_path / "map.zarr", ids, maps=maps)
+    map_path = write_map_store(tmp_path / "map", ids, maps=maps)
     probs = np.array([0.9, 0.2, POSITIVE_PROBABILITY, 0.7, 0.1], dtype=np.float32)
-    cam_path = _write_store(tmp_path / "cam.zarr", ids, maps=maps, probs=probs)
+    cam_path = write_map_store(tmp_path / "cam", ids, maps=maps, probs=probs)
 
-    run_threshold_baseline(blind, map_path, tmp_path / "masks.zarr", batch_size=2)
-    out = cldf.store.open_store(tmp_path / "masks.zarr")
+    run_threshold_baseline(blind, map_path, tmp_path / "masks", batch_size=2)
+    out = cldf.store.open_store(tmp_path / "masks")
     np.testing.assert_array_equal(out["slice_ids"][:], ids)
     assert out["masks"].dtype == np.uint8
     np.testing.assert_array_equal(out["masks"][:].astype(bool), target[None] & body)
 
-    run_threshold_baseline(blind, cam_path, tmp_path / "gated.zarr", slice_ids=ids[::-1], probs_path=cam_path)
-    gated = cldf.store.open_store(tmp_path / "gated.zarr")
+    run_threshold_baseline(blind, cam_path, tmp_path / "gated", slice_ids=ids[::-1], probs_path=cam_path)
+    gated = cldf.store.open_store(tmp_path / "gated")
     np.testing.assert_array_equal(gated["slice_ids"][:], ids[::-1])
     kept = gated["masks"][:].reshape(len(ids), -1).any(1)
     np.testing.assert_array_equal(kept, (probs >= POSITIVE_PROBABILITY)[::-1])
@@ -249,7 +221,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def test_figure_grid_and_bar_chart(tmp_path: Path, slices_path: Path) -> None:
+def test_figure_grid(tmp_path: Path, slices_path: Path) -> None:
     store = SliceStore(slices_path)
     test = store.indices(split="test")
     gt = read_ground_truth(slices_path, test)
@@ -259,18 +231,11 @@ def test_figure_grid_and_bar_chart(tmp_path: Path, slices_path: Path) -> None:
     assert np.array_equal(rows, choose_rows(slices_path, 4, seed=0))
     rng = np.random.default_rng(1)
     panels = {
-        "CAM": _write_store(tmp_path / "cam.zarr", test, maps=rng.random((len(test), SIZE, SIZE)).astype(np.float16)),
-        "selection": _write_store(tmp_path / "sel.zarr", test, fg=gt, bg=1 - gt),
+        "CAM": write_map_store(tmp_path / "cam", test, maps=rng.random((len(test), SIZE, SIZE)).astype(np.float16)),
+        "selection": write_map_store(tmp_path / "sel", test, fg=gt, bg=1 - gt),
         "MG": lambda ids: np.full((len(ids), SIZE, SIZE), 0.5, dtype=np.float32),
-        "CLDF": _write_store(tmp_path / "cldf.zarr", test, masks=gt),
+        "CLDF": write_map_store(tmp_path / "cldf", test, masks=gt),
     }
     out = tmp_path / "fig" / "grid.png"
     figure_grid(slices_path, panels, out, n_rows=4)
     assert _png_size(out) == grid_size_pixels(4, 2 + len(panels))
-
-    methods = _method_stores(tmp_path, slices_path)
-    evaluate_methods(slices_path, methods, tmp_path / "metrics.csv", tmp_path / "per.csv")
-    bar = tmp_path / "bar.png"
-    plot_metrics_bar(tmp_path / "metrics.csv", bar)
-    height, width = _png_size(bar)
-    assert height > 100 and width > 100

@@ -159,7 +159,7 @@ def test_bad_input_raises_one_line_error_and_writes_nothing(tiny: dict, tmp_path
     damage, pattern = BAD_INPUTS[kind]
     cases = list_cases(tiny)
     damage(tiny, cases[1])
-    out = tmp_path / "shard.zarr"
+    out = tmp_path / "shard"
     with pytest.raises(DataError, match=pattern) as info:
         build_shard(tiny, cases, cases, out)
     assert "\n" not in str(info.value) and cases[1] in str(info.value)
@@ -174,12 +174,12 @@ def test_case_without_positive_slice_is_valid_data(tiny: dict, tmp_path: Path) -
     small = np.zeros_like(seg)
     small[20, 20, 5] = 1  # one voxel of tumour: an ambiguous slice, no positive one
     _rewrite(_seg(tiny, cases[1]), small)
-    build_shard(tiny, cases, cases, tmp_path / "shard.zarr")
-    gather([tmp_path / "shard.zarr"], tmp_path / "slices.zarr", tmp_path / "manifest.csv", tmp_path / "skipped.csv",
+    build_shard(tiny, cases, cases, tmp_path / "shard")
+    gather([tmp_path / "shard"], tmp_path / "slices", tmp_path / "manifest.csv", tmp_path / "skipped.csv",
            {"val_fraction": 0.0, "test_fraction": 0.5, "seed": 0})
     from cldf.store import SliceStore
 
-    store = SliceStore(tmp_path / "slices.zarr")
+    store = SliceStore(tmp_path / "slices")
     labels = store.labels[store.case_index == 1]
     assert len(labels) > 0 and not (labels == 1).any() and (labels == -1).sum() == 1 and (labels == 0).any()
     assert (tmp_path / "skipped.csv").read_text() == "case,reason\n"
@@ -205,14 +205,14 @@ def test_bad_case_is_skipped_logged_and_listed(
     cases = list_cases(tiny)
     damage(tiny, cases[0])
     ds = {**tiny, "on_bad_case": "skip"}
-    build_shard(ds, cases[:1], cases, tmp_path / "s0.zarr")
+    build_shard(ds, cases[:1], cases, tmp_path / "s0")
     assert f"skipping case {cases[0]}" in caplog.text and reason in caplog.text
-    build_shard(ds, cases[1:], cases, tmp_path / "s1.zarr")
-    gather([tmp_path / "s0.zarr", tmp_path / "s1.zarr"], tmp_path / "slices.zarr", tmp_path / "manifest.csv",
+    build_shard(ds, cases[1:], cases, tmp_path / "s1")
+    gather([tmp_path / "s0", tmp_path / "s1"], tmp_path / "slices", tmp_path / "manifest.csv",
            tmp_path / "skipped.csv", {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0})
     from cldf.store import SliceStore
 
-    store = SliceStore(tmp_path / "slices.zarr")
+    store = SliceStore(tmp_path / "slices")
     assert set(store.case_index.tolist()) == {1}
     assert reason in store.cases[0]["skipped"] and store.cases[1]["id"] == cases[1]
     assert store.cases[0]["split"] is None and store.cases[1]["split"] == "train"
@@ -224,17 +224,17 @@ def test_split_is_drawn_from_kept_cases_and_an_empty_asked_split_stops(tiny: dic
     cases = list_cases(tiny)
     _nan_voxels(tiny, cases[0])
     ds = {**tiny, "on_bad_case": "skip"}
-    build_shard(ds, cases, cases, tmp_path / "s.zarr")
+    build_shard(ds, cases, cases, tmp_path / "s")
     split = {"val_fraction": 0.0, "test_fraction": 0.5, "seed": 0}
     with pytest.raises(DataError) as info:  # one kept case cannot fill both train and test
-        gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv", split)
+        gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv", split)
     message = str(info.value)
     assert "split 'test' is empty" in message and cases[0] in message and "NaN" in message and "\n" not in message
-    assert not (tmp_path / "slices.zarr").exists()
+    assert not (tmp_path / "slices").exists()
     listed = {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0, "test_cases": [cases[0]]}
     with pytest.raises(DataError, match="split 'test' is empty"):
-        gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv", listed)
-    gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv",
+        gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv", listed)
+    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv",
            {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0})  # a split left at 0 may be empty
 
 
@@ -243,11 +243,11 @@ def test_every_case_skipped_gives_no_store(tiny: dict, tmp_path: Path) -> None:
     for c in cases:
         _nan_voxels(tiny, c)
     ds = {**tiny, "on_bad_case": "skip"}
-    build_shard(ds, cases, cases, tmp_path / "s0.zarr")
+    build_shard(ds, cases, cases, tmp_path / "s0")
     with pytest.raises(DataError, match="every case was skipped"):
-        gather([tmp_path / "s0.zarr"], tmp_path / "slices.zarr", tmp_path / "manifest.csv", tmp_path / "k.csv",
+        gather([tmp_path / "s0"], tmp_path / "slices", tmp_path / "manifest.csv", tmp_path / "k.csv",
                {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0})
-    assert not (tmp_path / "slices.zarr").exists() and not (tmp_path / "manifest.csv").exists()
+    assert not (tmp_path / "slices").exists() and not (tmp_path / "manifest.csv").exists()
 
 
 def test_stray_entries_are_ignored_with_a_log_line(tiny: dict, caplog: pytest.LogCaptureFixture) -> None:

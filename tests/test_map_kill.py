@@ -21,21 +21,21 @@ CDM = {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks"
 
 
 def test_killed_feature_shard_is_never_consumed_and_rerun_matches(tmp_path: Path) -> None:
-    slices = make_slices(tmp_path / "slices.zarr", n_cases=4, slices_per_case=40, size=32)
+    slices = make_slices(tmp_path / "slices", n_cases=4, slices_per_case=40, size=32)
     cdm = build_model("cdm", CDM, 2)
     save_checkpoint(tmp_path / "cdm.pt", {"kind": "cdm", "settings": CDM, "in_channels": 2, "image_size": 32,
                                           "state_dict": cdm.state_dict()})
     settings = {"timesteps": [1, 10, 50, 100], "layers": ["up_blocks.0", "up_blocks.1"], "batch_size": 2}
 
     def cmd(out: Path) -> list[str]:
-        return [sys.executable, "-m", "cldf.cli", "features", "--slices", str(slices), "--cdm",
+        return [sys.executable, "-m", "cldf.cli", "map", "--map", "features", "--slices", str(slices), "--model",
                 str(tmp_path / "cdm.pt"), "--settings", json.dumps(settings), "--cases", "0,1,2,3",
                 "--out", str(out), "--device", "cpu", "--seed", "0", "--threads", "1"]
 
-    out = tmp_path / "shard.zarr"
+    out = tmp_path / "shard"
     proc = subprocess.Popen(cmd(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".shard.zarr.tmp-*/layer_0/c/*")) and time.time() < deadline:
+    while not list(tmp_path.glob(".shard.tmp-*/layer_0/c/*")) and time.time() < deadline:
         time.sleep(0.05)  # wait until rows are being written
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -48,7 +48,7 @@ def test_killed_feature_shard_is_never_consumed_and_rerun_matches(tmp_path: Path
         pass
 
     subprocess.run(cmd(out), check=True, capture_output=True)
-    reference = tmp_path / "reference.zarr"
+    reference = tmp_path / "reference"
     subprocess.run(cmd(reference), check=True, capture_output=True)
     assert not list(tmp_path.glob(".*.tmp-*")), "temporary stores left behind"
     a, b = MapStore(out), MapStore(reference)

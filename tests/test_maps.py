@@ -15,21 +15,13 @@ from monai.networks.schedulers import DDPMScheduler
 from monai.visualize import GradCAM, GradCAMpp
 from torch.nn import functional as F
 
-from cldf.maps import (
-    cdm_saliency,
-    compute_cam,
-    extract_features,
-    feature_noise,
-    mean_gradient,
-    normalise_per_slice,
-    positive_probability,
-    run_cam,
-    run_classifier_probs,
-    run_features,
-    run_gradient,
-    run_saliency,
-)
-from cldf.maps.saliency import ddim_timesteps
+from cldf.maps.cams import compute_cam, positive_probability
+from cldf.maps.common import feature_noise, normalise_per_slice
+from cldf.maps.features import extract_features
+from cldf.maps.gradients import mean_gradient
+from cldf.maps.run import run_map
+from cldf.maps.saliency import cdm_saliency, ddim_timesteps
+from cldf.registry import MAPS
 from cldf.store import GROUND_TRUTH, ArrayStoreWriter, MapStore, open_store
 
 C, H = 2, 16
@@ -86,8 +78,8 @@ def scheduler() -> DDPMScheduler:
 
 @pytest.fixture(scope="module")
 def slices_path(tmp_path_factory) -> str:
-    """A slices.zarr of 3 cases x 4 slices (C=2, 16x16) whose ground truth is removed after writing."""
-    path = tmp_path_factory.mktemp("data") / "slices.zarr"
+    """A slices of 3 cases x 4 slices (C=2, 16x16) whose ground truth is removed after writing."""
+    path = tmp_path_factory.mktemp("data") / "slices"
     n = 12
     rng = np.random.default_rng(0)
     arrays = {
@@ -253,7 +245,7 @@ def test_layercam_fuses_layers_by_max():
 
 def test_cam_rejects_bad_method_and_layers():
     model = _freeze(_resnet())
-    with pytest.raises(ValueError, match="layercam"):
+    with pytest.raises(ValueError, match="unknown CAM method 'ablationcam'"):
         compute_cam("ablationcam", model, _images(1), ["layer4"])
     with pytest.raises(ValueError, match="exactly one"):
         compute_cam("gradcam", model, _images(1), ["layer3", "layer4"])
@@ -285,59 +277,71 @@ def test_cdm_saliency_range_determinism_and_batch_invariance(scheduler):
 # --------------------------------------------------------------------------------- shard steps
 
 
-def test_run_features_shards_batches_and_empty(slices_path, scheduler, tmp_path):
+def test_run_features_shards_batches_and_empty(slices_path, tmp_path):
     cdm, dev = _cdm(), torch.device("cpu")
     settings = {"timesteps": [1, 50], "layers": LAYERS, "batch_size": 4}
-    run_features(slices_path, cdm, scheduler, settings, [0, 1, 2], tmp_path / "all.zarr", dev, seed=3)
-    run_features(slices_path, cdm, scheduler, {**settings, "batch_size": 1}, [2, 0], tmp_path / "a.zarr", dev, seed=3)
-    run_features(slices_path, cdm, scheduler, settings, [], tmp_path / "empty.zarr", dev, seed=3)
-    full, part = open_store(tmp_path / "all.zarr"), MapStore(tmp_path / "a.zarr")
+    features = MAPS["features"]
+    run_map(slices_path, features, cdm, settings, [0, 1, 2], tmp_path / "all", dev, seed=3)
+    run_map(slices_path, features, cdm, {**settings, "batch_size": 1}, [2, 0], tmp_path / "a", dev, seed=3)
+    run_map(slices_path, features, cdm, settings, [], tmp_path / "empty", dev, seed=3)
+    full, part = open_store(tmp_path / "all"), MapStore(tmp_path / "a")
     assert full["slice_ids"][:].tolist() == list(range(12))
     assert part.slice_ids.tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
     assert full["layer_0"].dtype == np.float16 and full["layer_0"].shape == (12, 16, H // 2, H // 2)
     assert full["layer_1"].shape == (12, 8, H, H)
-    assert full.attrs["layers"] == LAYERS and full.attrs["channels"] == [16, 8] and full.attrs["D"] == 24
-    assert full.attrs["shapes"] == [[16, H // 2, H // 2], [8, H, H]] and full.attrs["image_size"] == H
+    assert full.attrs["map"] == "features" and full.attrs["settings"] == settings and full.attrs["image_size"] == H
+    assert full.attrs["shapes"] == {"layer_0": [16, H // 2, H // 2], "layer_1": [8, H, H]}
     for k in range(2):
         np.testing.assert_allclose(part.read(f"layer_{k}", [8, 1]).astype(np.float32),
                                    full[f"layer_{k}"][[8, 1]].astype(np.float32), atol=2e-3, rtol=2e-3)
         assert np.isfinite(full[f"layer_{k}"][:].astype(np.float32)).all()
-    empty = open_store(tmp_path / "empty.zarr")
+    empty = open_store(tmp_path / "empty")
     assert empty["slice_ids"].shape == (0,) and empty["layer_1"].shape == (0, 8, H, H)
-    run_features(slices_path, cdm, scheduler, settings, [1], tmp_path / "again.zarr", dev, seed=3)
-    again = open_store(tmp_path / "again.zarr")
+    run_map(slices_path, features, cdm, settings, [1], tmp_path / "again", dev, seed=3)
+    again = open_store(tmp_path / "again")
     assert np.array_equal(again["layer_0"][:], full["layer_0"][4:8])
 
 
-def test_run_gradient_cam_saliency_stores(slices_path, scheduler, tmp_path):
+def test_run_gradient_cam_saliency_stores(slices_path, tmp_path):
     dev = torch.device("cpu")
-    run_gradient(slices_path, _freeze(_noisy_classifier()), scheduler,
-                 {"timesteps": [10, 20], "reduce": "l2", "batch_size": 3}, [1, 2], tmp_path / "mg.zarr", dev, seed=0)
-    mg = open_store(tmp_path / "mg.zarr")
+    run_map(slices_path, MAPS["mean_gradient"], _freeze(_noisy_classifier()),
+            {"timesteps": [10, 20], "reduce": "l2", "batch_size": 3}, [1, 2], tmp_path / "mg", dev, seed=0)
+    mg = open_store(tmp_path / "mg")
     assert mg["slice_ids"][:].tolist() == list(range(4, 12))
     assert mg["maps"].dtype == np.float16 and mg["maps"].shape == (8, H, H)
     assert 0 <= mg["maps"][:].min() and mg["maps"][:].max() <= 1
     cam_settings = {"layers": ["layer4"], "layercam_layers": ["layer3", "layer4"], "batch_size": 5}
     model = _freeze(_resnet())
-    run_cam(slices_path, model, "layercam", cam_settings, [0, 1, 2], tmp_path / "cam.zarr", dev)
-    cam = open_store(tmp_path / "cam.zarr")
+    run_map(slices_path, MAPS["layercam"], model, cam_settings, [0, 1, 2], tmp_path / "cam", dev, seed=0)
+    cam = open_store(tmp_path / "cam")
     assert cam["maps"].shape == (12, H, H) and sorted(cam.array_keys()) == ["maps", "slice_ids"]
-    assert cam.attrs["layers"] == ["layer3", "layer4"]
+    assert cam.attrs["settings"]["layercam_layers"] == ["layer3", "layer4"]
     expected = compute_cam("layercam", model, torch.from_numpy(np.asarray(
         zarr.open_group(slices_path, mode="r")["images"][:], dtype=np.float32)), ["layer3", "layer4"])
     np.testing.assert_allclose(cam["maps"][:].astype(np.float32), expected.numpy(), atol=1e-3)
-    run_cam(slices_path, model, "gradcam", cam_settings, [], tmp_path / "cam0.zarr", dev)
-    assert open_store(tmp_path / "cam0.zarr")["maps"].shape == (0, H, H)
-    run_classifier_probs(slices_path, model, 5, [1, 2], tmp_path / "probs.zarr", dev)
-    probs = open_store(tmp_path / "probs.zarr")
+    run_map(slices_path, MAPS["gradcam"], model, cam_settings, [], tmp_path / "cam0", dev, seed=0)
+    assert open_store(tmp_path / "cam0")["maps"].shape == (0, H, H)
+    run_map(slices_path, MAPS["classifier_probs"], model, {"batch_size": 5}, [1, 2], tmp_path / "probs", dev, 0)
+    probs = open_store(tmp_path / "probs")
     images = torch.from_numpy(np.asarray(zarr.open_group(slices_path, mode="r")["images"][4:12], dtype=np.float32))
     assert probs["slice_ids"][:].tolist() == list(range(4, 12)) and probs["probs"].dtype == np.float32
     np.testing.assert_allclose(probs["probs"][:], F.softmax(model(images), dim=1)[:, 1].detach().numpy(), atol=1e-5)
     torch.testing.assert_close(positive_probability(model, images), F.softmax(model(images), dim=1)[:, 1].detach())
-    run_saliency(slices_path, _cdm(), scheduler, {"noise_level": 50, "ddim_steps": 2, "batch_size": 4}, [0],
-                 tmp_path / "sal.zarr", dev)
-    sal = open_store(tmp_path / "sal.zarr")
-    assert sal["maps"].shape == (4, H, H) and np.isfinite(sal["maps"][:].astype(np.float32)).all()
+    run_map(slices_path, MAPS["saliency"], _cdm(), {"noise_level": 50, "ddim_steps": 2, "batch_size": 4}, [0],
+            tmp_path / "sal", dev, seed=0)
+    sal = open_store(tmp_path / "sal")  # the saliency baseline covers the test split only: none here
+    assert sal["maps"].shape == (0, H, H)
+
+
+def test_every_registered_cam_runs_through_the_shard_step(slices_path, tmp_path):
+    settings = {"layers": ["layer4"], "layercam_layers": ["layer3", "layer4"], "scorecam_channels": 4, "batch_size": 6}
+    model = _freeze(_resnet())
+    cams = [m for m in MAPS.values() if m.family == "cam"]
+    assert len(cams) >= 4
+    for method in cams:
+        run_map(slices_path, method, model, settings, [0, 1], tmp_path / f"{method.name}", torch.device("cpu"), 0)
+        maps = open_store(tmp_path / f"{method.name}")["maps"][:].astype(np.float32)
+        assert maps.shape == (8, H, H) and maps.min() >= 0 and maps.max() <= 1 and maps.max() > 0, method.name
 
 
 # ---------------------------------------------------------------- real check: maps find the object

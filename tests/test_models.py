@@ -13,7 +13,7 @@ import cldf.store
 from cldf.models.builders import MODEL_KINDS, build_model, build_scheduler, count_parameters
 from cldf.models.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from cldf.models.data import BalancedBatchSampler, SliceDataset, split_rows
-from cldf.models.sample import sample_images, save_sample_grid
+from cldf.models.sample import BRIGHT_LEVEL, sample_images, save_sample_grid
 from cldf.models.train import resume_path, train_model
 from cldf.store import SliceStore
 
@@ -30,18 +30,12 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets run fastest on one thread, and do not stall when other jobs load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def slices(tmp_path_factory) -> Path:
-    return make_slices(tmp_path_factory.mktemp("slices") / "slices.zarr")
+    return make_slices(tmp_path_factory.mktemp("slices") / "slices")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +116,7 @@ def test_split_rows_and_fallback(slices, tmp_path):
     assert source == "val split"
     assert set(st.split[train]) == {"train"} and set(st.split[val]) == {"val"}
     assert -1 not in st.labels[train] and -1 not in st.labels[val]
-    no_val = make_slices(tmp_path / "noval.zarr", n_cases=6, splits=("train",) * 5 + ("test",))
+    no_val = make_slices(tmp_path / "noval", n_cases=6, splits=("train",) * 5 + ("test",))
     st2 = SliceStore(no_val)
     train2, val2, source2 = split_rows(st2, (0, 1), seed=0)
     assert "val split empty" in source2 and len(val2) > 0
@@ -202,9 +196,12 @@ def test_cdm_learns_and_samples(trained, tmp_path):
     assert images.shape == (3, 2, 16, 16) and images.abs().max() <= 1
     again = sample_images(cdm, build_scheduler(), 3, 1, 16, 2, torch.Generator().manual_seed(0), steps=10)
     assert torch.equal(images, again)
-    stats = save_sample_grid(path, tmp_path / "grid.png", 4, CPU, seed=0, steps=10)
+    stats = save_sample_grid(path, tmp_path / "grid.png", 4, CPU, seed=0, steps=10, guidance_scale=3.0)
     assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
-    assert stats["channel"] == "flair" and 0 <= stats["bright_fraction_y0"] <= 1 and 0 <= stats["bright_fraction_y1"] <= 1
+    assert stats["channel"] == "flair"  # the tiny store's channels are flair, t1
+    for y in (0, 1):  # the statistics are those of the FLAIR channel of the paired samples of each class
+        flair = sample_images(cdm, build_scheduler(), 4, y, 16, 2, torch.Generator().manual_seed(0), 10, 3.0)[:, 0]
+        assert stats[f"bright_fraction_y{y}"] == pytest.approx(float((flair > BRIGHT_LEVEL).float().mean()))
 
 
 def test_fsl_unet_learns(trained):

@@ -18,7 +18,9 @@ from cldf.segment.features import iter_feature_batches, upsample_features
 from cldf.segment.selection import activated, select_pixels
 from cldf.segment.supcon import supcon_loss
 from cldf.segment.train import load_decoder, train_decoder
-from cldf.store import SPLITS, ArrayStoreWriter, MapStore
+from cldf.store import MapStore
+
+from .fixtures_slices import write_map_store, write_slice_store
 
 
 # ---------------------------------------------------------------- supervised contrastive loss
@@ -200,45 +202,15 @@ def _make_toy(root: Path) -> dict:
         full[i, :2] += 1.5 * t
         full[i, 2] += 2.0 * b
     ids = np.arange(n, dtype=np.int64)
-    split_code = np.array([SPLITS.index(s) for s in split_names], dtype=np.uint8)
-    paths = {name: root / f"{name}.zarr" for name in ("slices", "features", "cam", "mg", "probs")}
-    slice_arrays = {
-        "images": ((1, SIZE, SIZE), np.float16),
-        "body": ((SIZE, SIZE), np.uint8),
-        "labels": ((), np.int8),
-        "case_index": ((), np.int32),
-        "slice_index": ((), np.int32),
-        "split": ((), np.uint8),
-        "slice_ids": ((), np.int64),
-        "ground_truth/masks": ((SIZE, SIZE), np.uint8),
-    }
-    cases = [{"id": f"case{i}", "split": split_names[i]} for i in range(n)]
-    attrs = {"cases": cases, "modalities": ["t1"], "image_size": SIZE, "dataset": "toy"}
-    with ArrayStoreWriter(paths["slices"], n, slice_arrays, attrs) as w:
-        w.write("body", 0, body)
-        w.write("labels", 0, labels)
-        w.write("case_index", 0, ids.astype(np.int32))
-        w.write("split", 0, split_code)
-        w.write("slice_ids", 0, ids)
-        w.write("ground_truth/masks", 0, truth)
-    order = ids[::-1]  # the features store lists the slices in another order than slices.zarr
-    feature_arrays = {
-        "slice_ids": ((), np.int64),
-        "layer_0": (low.shape[1:], np.float16),
-        "layer_1": (full.shape[1:], np.float16),
-    }
-    with ArrayStoreWriter(paths["features"], n, feature_arrays, {"layers": ["a", "b"], "D": 10}) as w:
-        w.write("slice_ids", 0, order)
-        w.write("layer_0", 0, low[order])
-        w.write("layer_1", 0, full[order])
-    probs = np.where(labels == 1, 0.9, 0.1).astype(np.float32)
+    paths = {name: root / f"{name}" for name in ("slices", "features", "cam", "mg", "probs")}
+    write_slice_store(paths["slices"], np.zeros((n, 1, SIZE, SIZE), np.float32), labels, ids, split_names, truth,
+                      body=body, slice_index=np.zeros(n), modalities=["t1"])
+    order = ids[::-1]  # the features store lists the slices in another order than slices
+    write_map_store(paths["features"], order, {"layers": ["a", "b"]}, layer_0=low[order].astype(np.float16),
+                    layer_1=full[order].astype(np.float16))
     for name, maps in (("cam", cam), ("mg", mg)):
-        with ArrayStoreWriter(paths[name], n, {"slice_ids": ((), np.int64), "maps": ((SIZE, SIZE), np.float16)}) as w:
-            w.write("slice_ids", 0, ids)
-            w.write("maps", 0, maps)
-    with ArrayStoreWriter(paths["probs"], n, {"slice_ids": ((), np.int64), "probs": ((), np.float32)}) as w:
-        w.write("slice_ids", 0, ids)
-        w.write("probs", 0, probs)
+        write_map_store(paths[name], ids, maps=maps.astype(np.float16))
+    write_map_store(paths["probs"], ids, probs=np.where(labels == 1, 0.9, 0.1).astype(np.float32))
     split = np.array(split_names)
     return {"paths": paths, "truth": truth, "body": body, "cam": cam, "labels": labels, "split": split, "low": low}
 
@@ -263,9 +235,9 @@ def toy(tmp_path_factory) -> dict:
     data["decoder"] = root / "decoder.pt"
     data["stats"] = train_decoder(p["slices"], p["features"], p["cam"], p["mg"], SETTINGS, data["decoder"], cpu, seed=3)
     run_segmentation(
-        p["slices"], p["features"], data["decoder"], p["probs"], CLUSTER, None, ["test"], root / "masks.zarr", cpu, seed=3
+        p["slices"], p["features"], data["decoder"], p["probs"], CLUSTER, None, ["test"], root / "masks", cpu, seed=3
     )
-    data["masks"] = root / "masks.zarr"
+    data["masks"] = root / "masks"
     data["root"] = root
     return data
 
@@ -323,10 +295,10 @@ def test_same_seed_same_decoder_and_masks(toy):
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
     run_segmentation(
-        p["slices"], p["features"], root / "again.pt", p["probs"], CLUSTER, None, ["test"], root / "again.zarr", cpu, seed=3
+        p["slices"], p["features"], root / "again.pt", p["probs"], CLUSTER, None, ["test"], root / "again", cpu, seed=3
     )
     ids = MapStore(toy["masks"]).slice_ids
-    assert np.array_equal(MapStore(toy["masks"]).read("masks", ids), MapStore(root / "again.zarr").read("masks", ids))
+    assert np.array_equal(MapStore(toy["masks"]).read("masks", ids), MapStore(root / "again").read("masks", ids))
 
 
 def test_cluster_slice_degenerate_and_region():

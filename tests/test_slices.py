@@ -33,11 +33,11 @@ def brats_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("brats")
     ds = settings("brats18_shared", root=str(shared_data / "brats18"), image_size=64, max_cases=2)
     ids = list_cases(ds)
-    build_shard(ds, ids[1:], ids, out / "s1.zarr")
-    build_shard(ds, ids[:1], ids, out / "s0.zarr")
-    gather([out / "s1.zarr", out / "s0.zarr"], out / "slices.zarr", out / "manifest.csv", out / "skipped.csv",
+    build_shard(ds, ids[1:], ids, out / "s1")
+    build_shard(ds, ids[:1], ids, out / "s0")
+    gather([out / "s1", out / "s0"], out / "slices", out / "manifest.csv", out / "skipped.csv",
            ds["split"])
-    return ds, out / "slices.zarr", out / "manifest.csv"
+    return ds, out / "slices", out / "manifest.csv"
 
 
 def test_slice_store_layout(brats_store) -> None:
@@ -117,11 +117,11 @@ def test_round_trip_to_original_geometry(brats_store, shared_data: Path, tmp_pat
     assert dice > 0.8
 
     full = {**ds, "image_size": 240, "max_cases": 1}  # no resize: exact on kept slices
-    build_shard(full, [case_id], [case_id], tmp_path / "s.zarr")
-    gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
-    store = SliceStore(tmp_path / "slices.zarr")
+    build_shard(full, [case_id], [case_id], tmp_path / "s")
+    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
+    store = SliceStore(tmp_path / "slices")
     rows = store.indices(cases=[0])
-    back = np.asarray(to_original(read_ground_truth(tmp_path / "slices.zarr", rows), store.slice_index[rows], store.cases[0]).dataobj)
+    back = np.asarray(to_original(read_ground_truth(tmp_path / "slices", rows), store.slice_index[rows], store.cases[0]).dataobj)
     kept = store.slice_index[rows]
     np.testing.assert_array_equal(back[:, :, kept].astype(bool), truth[:, :, kept])
 
@@ -129,13 +129,13 @@ def test_round_trip_to_original_geometry(brats_store, shared_data: Path, tmp_pat
 def test_flare_kidney_slices(shared_data: Path, tmp_path: Path) -> None:
     ds = settings("flare21_kidney", root=str(shared_data / "flare_like"), image_size=32, ambiguous_slices="drop")
     ids = list_cases(ds)
-    build_shard(ds, ids, ids, tmp_path / "s.zarr")
-    gather([tmp_path / "s.zarr"], tmp_path / "slices.zarr", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
-    store = SliceStore(tmp_path / "slices.zarr")
+    build_shard(ds, ids, ids, tmp_path / "s")
+    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
+    store = SliceStore(tmp_path / "slices")
     assert store.channels == 1 and set(store.labels.tolist()) == {0, 1}  # ambiguous dropped
     meta = store.cases[0]
     assert meta["square_size"] == 122 and meta["pad"] == [0, 10]
-    masks = read_ground_truth(tmp_path / "slices.zarr", np.arange(store.n))
+    masks = read_ground_truth(tmp_path / "slices", np.arange(store.n))
     assert masks[store.labels == 1].any(axis=(1, 2)).all() and not masks[store.labels == 0].any()
     rows = store.indices(labels=[1])
     img = to_original(masks[rows], store.slice_index[rows], meta)

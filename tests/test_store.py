@@ -22,7 +22,7 @@ def _write(path: Path, ids: list[int]) -> None:
 
 
 def test_error_inside_the_writer_leaves_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "maps.zarr"
+    out = tmp_path / "maps"
     with pytest.raises(RuntimeError):
         with ArrayStoreWriter(out, 2, SPEC) as w:
             w.write("slice_ids", 0, np.array([0, 1]))
@@ -32,7 +32,7 @@ def test_error_inside_the_writer_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_sigkill_mid_write_leaves_no_store_and_a_rerun_cleans_up(tmp_path: Path) -> None:
-    out = tmp_path / "maps.zarr"
+    out = tmp_path / "maps"
     script = (
         "import os, signal, numpy as np\n"
         "from cldf.store import ArrayStoreWriter\n"
@@ -45,14 +45,14 @@ def test_sigkill_mid_write_leaves_no_store_and_a_rerun_cleans_up(tmp_path: Path)
     assert not out.exists()
     with pytest.raises(StoreError, match="does not exist"):
         open_store(out)
-    assert len(list(tmp_path.glob(".maps.zarr.tmp-*"))) == 1
+    assert len(list(tmp_path.glob(".maps.tmp-*"))) == 1
     _write(out, [0, 1])
     assert open_store(out).attrs["kind"] == "test"
-    assert list(tmp_path.glob(".maps.zarr.tmp-*")) == []
+    assert list(tmp_path.glob(".maps.tmp-*")) == []
 
 
 def test_incomplete_store_is_refused(tmp_path: Path) -> None:
-    out = tmp_path / "maps.zarr"
+    out = tmp_path / "maps"
     _write(out, [0])
     import zarr
 
@@ -62,10 +62,10 @@ def test_incomplete_store_is_refused(tmp_path: Path) -> None:
 
 
 def test_gather_orders_by_slice_id(tmp_path: Path) -> None:
-    _write(tmp_path / "a.zarr", [4, 0])
-    _write(tmp_path / "b.zarr", [3, 1, 2])
-    gather_stores([tmp_path / "a.zarr", tmp_path / "b.zarr"], tmp_path / "all.zarr")
-    store = MapStore(tmp_path / "all.zarr")
+    _write(tmp_path / "a", [4, 0])
+    _write(tmp_path / "b", [3, 1, 2])
+    gather_stores([tmp_path / "a", tmp_path / "b"], tmp_path / "all")
+    store = MapStore(tmp_path / "all")
     assert store.slice_ids.tolist() == [0, 1, 2, 3, 4]
     assert store.read("maps", [3, 0])[:, 0, 0].tolist() == [3, 0]
     with pytest.raises(StoreError, match="no entry for slice 7"):
@@ -78,11 +78,11 @@ def test_read_only_results_dir_gives_a_clear_error(tmp_path: Path) -> None:
     ro.mkdir()
     ro.chmod(0o555)
     with pytest.raises(StoreError, match="not writable"):
-        _write(ro / "maps.zarr", [0])
+        _write(ro / "maps", [0])
 
 
 def test_unwritable_results_location_gives_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "results"
     blocker.write_text("a file where the results directory should be")
     with pytest.raises(StoreError, match="cannot write"):
-        _write(blocker / "synthetic" / "maps.zarr", [0])
+        _write(blocker / "synthetic" / "maps", [0])

@@ -30,17 +30,12 @@ class Crash(RuntimeError):
     pass
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def slices(tmp_path_factory) -> Path:
-    return make_slices(tmp_path_factory.mktemp("slices") / "slices.zarr", n_cases=6, slices_per_case=16,
+    return make_slices(tmp_path_factory.mktemp("slices") / "slices", n_cases=6, slices_per_case=16,
                        splits=("train",) * 4 + ("val", "test"))
 
 
@@ -97,8 +92,8 @@ def test_resume_file_of_another_run_is_ignored(slices, tmp_path):
 def test_resume_after_sigkill(slices, tmp_path):
     settings = {"widen_factor": 0.25, "steps": 200, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 10}
     out = tmp_path / "killed.pt"
-    cmd = [sys.executable, "-m", "cldf.models.train", "--kind", "cam_classifier", "--slices", str(slices),
-           "--out", str(out), "--settings-json", json.dumps(settings), "--device", "cpu", "--seed", "5"]
+    cmd = [sys.executable, "-m", "cldf.cli", "train", "--kind", "cam_classifier", "--slices", str(slices),
+           "--out", str(out), "--settings", json.dumps(settings), "--device", "cpu", "--seed", "5"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

@@ -6,24 +6,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cldf.store import SliceStore
 
-from .workflow_utils import REPO, planned_jobs, run_snakemake, tiny_config
+from cldf.catalogue import Catalogue
+
+from .workflow_utils import REPO, artifact, planned_jobs, run_snakemake, tiny_config
 
 
 def test_dry_run_of_default_target_plans_every_stage(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     jobs = planned_jobs(cfg)
-    for rule in ["phantom", "slices_shard", "slices", "train_model", "features_shard", "gradient_shard",
-                 "cam_shard", "probs_shard", "saliency_shard", "gather_map", "decoder_fused", "segment_shard_fused",
-                 "masks_fused", "decoder_cam", "decoder_mg", "baseline_masks", "fsl_masks", "nifti",
-                 "metrics", "figure", "cdm_samples"]:
+    for rule in ["phantom", "slices_shard", "slices", "train_model", "map_shard", "gather_map", "decoder_fused",
+                 "segment_shard_fused", "masks_fused", "decoder_cam", "decoder_mg", "baseline_masks", "fsl_masks",
+                 "nifti", "metrics", "figure", "cdm_samples"]:
         assert jobs.get(rule, 0) >= 1, f"rule {rule} missing from the plan: {jobs}"
     assert jobs["train_model"] == 4
-    assert jobs["cam_shard"] == 4 * jobs["features_shard"]  # every CAM method, every shard
+    n_maps = 4 + 4  # features, gradients, probabilities, saliency + the four configured CAMs
+    assert jobs["map_shard"] == n_maps * jobs["slices_shard"] and jobs["gather_map"] == n_maps
 
 
 def test_config_typo_names_the_key(tmp_path: Path) -> None:
@@ -52,8 +53,9 @@ def test_brats21_without_data_says_where_to_put_it(tmp_path: Path) -> None:
 
 def test_real_run_of_slices_target(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
-    run_snakemake(cfg, ["--cores", "2", "results/synthetic/slices.zarr"])
-    store = SliceStore(tmp_path / "results/synthetic/slices.zarr")
+    slices = artifact(tmp_path, "slices", dataset="synthetic")
+    run_snakemake(cfg, ["--cores", "2", str(slices.relative_to(tmp_path))])
+    store = SliceStore(slices)
     settings = yaml.safe_load(cfg.read_text())
     assert store.image_size == settings["presets"]["cpu"]["image_size"]
     assert set(store.split) <= {"train", "val", "test"}
@@ -67,8 +69,8 @@ def test_real_run_of_slices_target(tmp_path: Path) -> None:
 
 def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "cldf.cli", "gather", "--shards", str(tmp_path / "missing.zarr"),
-         "--out", str(tmp_path / "out.zarr")],
+        [sys.executable, "-m", "cldf.cli", "gather", "--shards", str(tmp_path / "missing"),
+         "--out", str(tmp_path / "out")],
         capture_output=True, text=True, cwd=REPO,
     )
     assert res.returncode == 1
@@ -88,11 +90,10 @@ def test_slurm_profile_plans_shard_jobs_with_their_resources(tmp_path: Path) -> 
             rule = line[5:].rstrip(":")
         elif line.strip().startswith("resources:") and rule:
             resources.setdefault(rule, []).append(line)
-    assert len(resources["features_shard"]) == len(resources["slices_shard"]) >= 2  # one job per shard
-    assert len(resources["cam_shard"]) == 4 * len(resources["features_shard"])
+    assert len(resources["map_shard"]) == 8 * len(resources["slices_shard"]) >= 16  # one job per map and shard
     for line in resources["train_model"]:
         assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=2" in line and "cpus_per_task=8" in line
-    gpu_rules = ["features_shard", "gradient_shard", "cam_shard", "probs_shard", "decoder_fused", "fsl_masks"]
+    gpu_rules = ["map_shard", "decoder_fused", "decoder_mg", "fsl_masks"]
     for line in sum((resources[r] for r in gpu_rules), []):
         assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=1" in line
     for line in resources["slices_shard"]:
@@ -103,10 +104,11 @@ def test_slurm_profile_plans_shard_jobs_with_their_resources(tmp_path: Path) -> 
 def test_results_dir_with_spaces_and_shell_characters_works(tmp_path: Path) -> None:
     results = "my results; $HOME & 'co'"
     cfg = tiny_config(tmp_path, {"results_dir": results})
-    run_snakemake(cfg, ["--cores", "2", f"{results}/synthetic/slices.zarr"])
-    store = SliceStore(tmp_path / results / "synthetic/slices.zarr")
+    slices = artifact(tmp_path, "slices", results, dataset="synthetic")
+    run_snakemake(cfg, ["--cores", "2", str(slices.relative_to(tmp_path))])
+    store = SliceStore(slices)
     assert store.n > 0 and (tmp_path / results / "synthetic/skipped_cases.csv").read_text() == "case,reason\n"
-    assert (tmp_path / results / "logs/synthetic/slices_gather.log").exists()
+    assert (tmp_path / Catalogue(results).log(Catalogue(results).path("slices", dataset="synthetic"))).exists()
 
 
 def test_skipped_case_is_listed_and_strays_ignored_in_a_real_run(tmp_path: Path) -> None:
@@ -119,11 +121,12 @@ def test_skipped_case_is_listed_and_strays_ignored_in_a_real_run(tmp_path: Path)
     brats = {"root": str(tmp_path / "data"), "on_bad_case": "skip", "image_size": 32,
              "split": {"val_fraction": 0.0, "test_fraction": 0.25}}
     cfg = tiny_config(tmp_path, {"datasets": {"brats21": brats}})
-    res = run_snakemake(cfg, ["--cores", "2", "results/brats21/slices.zarr"], quiet=False)
+    slices = artifact(tmp_path, "slices", dataset="brats21")
+    res = run_snakemake(cfg, ["--cores", "2", str(slices.relative_to(tmp_path))], quiet=False)
     assert "ignoring" in res.stdout + res.stderr and "README.txt" in res.stdout + res.stderr
     skipped = (tmp_path / "results/brats21/skipped_cases.csv").read_text().splitlines()
     assert skipped[0] == "case,reason" and len(skipped) == 2 and skipped[1].startswith("Synth_002,missing file")
-    store = SliceStore(tmp_path / "results/brats21/slices.zarr")
+    store = SliceStore(slices)
     assert [c["id"] for c in store.cases] == [f"Synth_{i:03d}" for i in range(5)]
     assert store.cases[2]["split"] is None and 2 not in set(store.case_index.tolist())
     assert sorted({c["split"] for c in store.cases if c["split"]}) == ["test", "train"]

@@ -12,27 +12,16 @@ from typing import Any, Mapping
 
 import yaml
 
+from cldf.catalogue import Catalogue
 from cldf.config import DEFAULT_CONFIG, deep_merge
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
-# A phantom and models small enough for a test; the demo uses config/config.yaml as shipped.
-TINY: dict[str, Any] = {
-    "datasets": {"synthetic": {"phantom": {"n_cases": 6, "shape": [48, 48, 20], "seed": 1}}},
-    "presets": {"cpu": {
-        "image_size": 32,
-        "cdm": {"channels": [16, 32], "attention_levels": [False, True], "num_head_channels": 16,
-                "steps": 30, "batch_size": 8, "checkpoint_every": 15},
-        "noisy_classifier": {"channels": [16, 32], "attention_levels": [False, True], "num_head_channels": 16,
-                             "steps": 30, "batch_size": 8, "checkpoint_every": 15},
-        "cam_classifier": {"widen_factor": 0.25, "steps": 30, "batch_size": 8, "checkpoint_every": 15},
-        "fsl_unet": {"channels": [8, 16, 32], "steps": 30, "batch_size": 8, "checkpoint_every": 15},
-    }},
-    "features": {"layers": ["up_blocks.0", "up_blocks.1"]},
-    "gradient": {"timesteps": [10, 100, 200]},
-    "shard_size": 3,
-}
+TEST_CONFIG = REPO / ".test" / "config.yaml"
+"""The tiny end-to-end configuration (overrides of config/config.yaml)."""
+TINY: dict[str, Any] = {k: v for k, v in yaml.safe_load(TEST_CONFIG.read_text()).items() if k != "results_dir"}
+"""Its sizes without its results directory: what most workflow tests run."""
 
 
 def tiny_config(tmp_path: Path, overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] = TINY) -> Path:
@@ -79,3 +68,8 @@ def planned_jobs(config: Path, args: list[str] | None = None) -> Counter:
         if m:
             jobs[m.group(1)] += int(m.group(2))
     return jobs
+
+
+def artifact(workdir: Path, name: str, results_dir: str = "results", **wildcards: object) -> Path:
+    """Where artifact ``name`` of the catalogue lies in a test's working directory."""
+    return Path(workdir) / Catalogue(results_dir).path(name, **wildcards)

@@ -60,9 +60,9 @@ def to_original(mask_slices: np.ndarray, slice_index: np.ndarray, case_meta: Map
     mask_slices
         uint8 (M, H, W) masks of slices of one case, H = W = ``image_size`` of the slice store.
     slice_index
-        int (M,) canonical z index of each slice (``slice_index`` of ``slices.zarr``).
+        int (M,) canonical z index of each slice (``slice_index`` of the slice store).
     case_meta
-        The case's entry of the ``cases`` attribute of ``slices.zarr``.
+        The case's entry of the ``cases`` attribute of the slice store.
 
     Returns
     -------

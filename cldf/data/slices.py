@@ -1,4 +1,4 @@
-"""From NIfTI cases to the slice store ``slices.zarr`` (layout in :mod:`cldf.store`).
+"""From NIfTI cases to the slice store (layout in :mod:`cldf.store`).
 
 Per case (one case in memory at a time): read and validate (:func:`cldf.io.nifti.read_case`), normalise
 the volume to [-1, 1], pad in-plane to a square and resize axial slices (:mod:`cldf.data.geometry`),
@@ -197,7 +197,7 @@ def _slice_cases(
 
 
 def build_shard(ds: Mapping[str, Any], case_ids: list[str], all_case_ids: list[str], out: str | os.PathLike) -> None:
-    """Slice cases ``case_ids`` into the shard store ``out`` (``slices.zarr`` layout without ``split``).
+    """Slice cases ``case_ids`` into the shard store ``out`` (the slice-store layout without ``split``).
 
     ``case_index`` is the position in ``all_case_ids``; ``slice_ids`` are local (0..M-1) until :func:`gather`,
     which also assigns the splits (from the cases that were kept). A bad case raises :class:`DataError`
@@ -294,7 +294,7 @@ def gather(
     skipped_csv: str | os.PathLike,
     split_cfg: Mapping[str, Any],
 ) -> None:
-    """Combine shard stores into ``slices.zarr`` at ``out``, assign the splits, write the two CSVs.
+    """Combine shard stores into the slice store ``out``, assign the splits, write the two CSVs.
 
     Rows are ordered by (case_index, slice_index) and get global ``slice_ids`` 0..N-1. The ``cases``
     attribute lists every case of ``case_ids`` in that order (so ``cases[case_index]`` is a row's case);

@@ -1,6 +1,6 @@
-"""Figures: the qualitative grid of the paper's Fig. 3 and a bar chart of the comparison table.
+"""Figures: the qualitative grid of the paper's Fig. 3.
 
-Both are drawn on a bare :class:`matplotlib.figure.Figure` (Agg canvas; no pyplot state, no display
+It is drawn on a bare :class:`matplotlib.figure.Figure` (Agg canvas; no pyplot state, no display
 needed) and written atomically.
 """
 
@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable, Union
 
 import numpy as np
-import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -168,28 +167,4 @@ def figure_grid(
                 _overlay(ax, data[0][r], FG_COLOUR, 0.5)
                 _overlay(ax, data[1][r], BG_COLOUR, 0.3)
             _contour(ax, gt[r], GT_COLOUR, "dashed")
-    _save_atomic(fig, out_png)
-
-
-def plot_metrics_bar(metrics_csv: str | os.PathLike, out_png: str | os.PathLike) -> None:
-    """Bar chart of ``metrics.csv``: Dice and IoU (mean ± std), HD95 (mean ± std) and ``fp_rate_neg``."""
-    table = pd.read_csv(metrics_csv)
-    x = np.arange(len(table))
-    fig = _new_figure(3 * max(3.0, 0.45 * len(table) + 1.0), 3.6)
-    ax_overlap, ax_hd, ax_fp = fig.subplots(1, 3)
-    width = 0.4
-    ax_overlap.bar(x - width / 2, table["dice_mean"], width, yerr=table["dice_std"], capsize=2, label="Dice")
-    ax_overlap.bar(x + width / 2, table["iou_mean"], width, yerr=table["iou_std"], capsize=2, label="IoU")
-    ax_overlap.set_ylim(0.0, 1.0)
-    ax_overlap.set_title("overlap (positive test slices)", fontsize=9)
-    ax_overlap.legend(fontsize=7)
-    ax_hd.bar(x, table["hd95_mean"], 0.6, yerr=table["hd95_std"], capsize=2, color="tab:purple")
-    ax_hd.set_title("HD95 (pixels)", fontsize=9)
-    ax_fp.bar(x, table["fp_rate_neg"], 0.6, color="tab:red")
-    ax_fp.set_ylim(0.0, 1.0)
-    ax_fp.set_title("false-positive rate (negative slices)", fontsize=9)
-    for ax in (ax_overlap, ax_hd, ax_fp):
-        ax.set_xticks(x)
-        ax.set_xticklabels(table["method"], rotation=40, ha="right", fontsize=7)
-    fig.tight_layout()
     _save_atomic(fig, out_png)

@@ -25,11 +25,6 @@ import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 METRIC_COLUMNS = ("dice", "iou", "hd95")
-EMPTY_MASK_CONVENTION = (
-    "Empty masks: prediction and ground truth both empty -> Dice = IoU = 1, HD95 = 0; exactly one empty -> "
-    "Dice = IoU = 0, HD95 = the image diagonal sqrt(H^2 + W^2) (in pixels of the evaluated image size). "
-    "HD95 is the symmetric 95th-percentile Hausdorff distance between mask boundaries, in pixels."
-)
 
 
 def image_diagonal(shape: tuple[int, int], spacing: float | Sequence[float] | None = None) -> float:

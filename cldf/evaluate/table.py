@@ -87,7 +87,7 @@ def evaluate_methods(
     Parameters
     ----------
     slices_path
-        ``slices.zarr``; its ground truth is read here (evaluation is allowed to).
+        the slice store; its ground truth is read here (evaluation is allowed to).
     methods
         ``{method name: {"masks": path of a masks store (slice_ids, masks uint8 (N, H, W)),
         "cam": CAM name or ""}}``; table rows keep this order.

@@ -9,15 +9,14 @@ removes and back-propagates into the parameters, which is why it is not used her
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cldf.maps.common import named_layers, normalise_per_slice
+from cldf.maps.common import Batch, named_layers, normalise_per_slice
 
-METHODS = ("gradcam", "gradcampp", "layercam", "scorecam")
 POSITIVE = 1
 SCORECAM_CHUNK = 128
 BACKGROUND_VALUE = -1.0
@@ -146,8 +145,8 @@ def compute_cam(
     -------
     float32 (B, H, W) in [0, 1] (per-slice min-max).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; expected one of {METHODS}")
+    if method not in _CAM_WEIGHTS and method not in ("layercam", "scorecam"):
+        raise ValueError(f"unknown CAM method {method!r}")
     layers = list(target_layers)
     if not layers or (method != "layercam" and len(layers) != 1):
         raise ValueError(f"{method} needs exactly one target layer (layercam: one or more), got {layers}")
@@ -158,7 +157,7 @@ def compute_cam(
     if method == "layercam":
         per_layer = [normalise_per_slice(_upsample(_layercam(a.float(), g.float()), size)) for a, g in zip(acts, grads)]
         return torch.stack(per_layer).amax(dim=0)
-    cam = _gradcam if method == "gradcam" else _gradcampp
+    cam = _CAM_WEIGHTS[method]
     return normalise_per_slice(_upsample(cam(acts[0].float(), grads[0].float()), size))
 
 
@@ -166,3 +165,36 @@ def positive_probability(model: nn.Module, images: torch.Tensor) -> torch.Tensor
     """The classifier's positive-class probability: images (B, C, H, W) -> float32 (B,)."""
     with torch.inference_mode():
         return F.softmax(model(images).float(), dim=1)[:, POSITIVE]
+
+
+_CAM_WEIGHTS = {"gradcam": _gradcam, "gradcampp": _gradcampp}
+
+
+def gradcam(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered CAM ``gradcam`` at ``settings["layers"]``: ``maps`` (B, H, W) in [0, 1]."""
+    return {"maps": compute_cam("gradcam", model, batch.images, settings["layers"])}
+
+
+def gradcampp(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered CAM ``gradcampp`` (Grad-CAM++) at ``settings["layers"]``: ``maps`` (B, H, W) in [0, 1]."""
+    return {"maps": compute_cam("gradcampp", model, batch.images, settings["layers"])}
+
+
+def layercam(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered CAM ``layercam``, max-fused over ``settings["layercam_layers"]``: ``maps`` (B, H, W) in [0, 1]."""
+    return {"maps": compute_cam("layercam", model, batch.images, settings["layercam_layers"])}
+
+
+def scorecam(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered CAM ``scorecam`` at ``settings["layers"]``, scoring ``scorecam_channels`` channels per
+    slice: ``maps`` (B, H, W) in [0, 1]."""
+    return {"maps": compute_cam("scorecam", model, batch.images, settings["layers"], settings.get("scorecam_channels"))}
+
+
+def probability_map(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered map ``classifier_probs``: ``probs`` (B,), the CAM classifier's positive-class probability.
+
+    It gates the masks of CLDF and of the thresholded baselines; it is kept apart from the CAM stores so
+    that switching the CAM method leaves it (and everything gated by it) untouched.
+    """
+    return {"probs": positive_probability(model, batch.images)}

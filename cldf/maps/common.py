@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+
+@dataclass
+class Batch:
+    """What a map function sees of a batch of slices (never the ground truth).
+
+    ``images`` float32 (B, C, H, W) in [-1, 1] on the compute device; ``labels`` int8 (B,) image-level
+    labels (1 positive, 0 negative, -1 ambiguous); ``slice_ids`` int64 (B,) global slice ids (they seed the
+    per-slice noise); ``seed`` the run seed.
+    """
+
+    images: torch.Tensor
+    labels: np.ndarray
+    slice_ids: np.ndarray
+    seed: int
 
 
 def normalise_per_slice(maps: torch.Tensor) -> torch.Tensor:

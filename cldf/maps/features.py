@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from cldf.maps.common import named_layers, noised_batch
+from cldf.maps.common import Batch, feature_noise, named_layers, noised_batch
+from cldf.models.builders import build_scheduler
 
 
 def extract_features(
@@ -69,3 +71,25 @@ def extract_features(
         for h in handles:
             h.remove()
     return [captured[k].float().reshape(n_t, b, *captured[k].shape[1:]).mean(0) for k in range(len(layers))]
+
+
+def conditioning_labels(slice_labels: np.ndarray) -> torch.Tensor:
+    """CDM class of each slice from its image-level label (1 / -1 -> 1, 0 -> 0): long (B,).
+
+    An ambiguous slice (-1) holds the target, only below the positivity fraction, so it is conditioned
+    on the positive class.
+    """
+    return torch.from_numpy((np.asarray(slice_labels) != 0).astype(np.int64))
+
+
+def features_map(cdm: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered map ``features``: ``layer_k`` (B, C_k, h_k, w_k) per tapped layer, at native resolution.
+
+    ``settings``: ``timesteps``, ``layers`` (module names of the CDM's decoder blocks). The noise of each
+    slice comes from ``(seed, slice id)`` (:func:`cldf.maps.common.feature_noise`).
+    """
+    timesteps = [int(t) for t in settings["timesteps"]]
+    noise = feature_noise(batch.slice_ids, len(timesteps), tuple(batch.images.shape[1:]), batch.seed)
+    labels = conditioning_labels(batch.labels).to(batch.images.device)
+    feats = extract_features(cdm, build_scheduler(), batch.images, labels, timesteps, list(settings["layers"]), noise)
+    return {f"layer_{k}": f for k, f in enumerate(feats)}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cldf.maps.common import noised_batch, normalise_per_slice
+from cldf.maps.common import Batch, feature_noise, noised_batch, normalise_per_slice
+from cldf.models.builders import build_scheduler
 
 REDUCTIONS = ("mean_abs", "max_abs", "l2")
 
@@ -67,3 +68,13 @@ def mean_gradient(
         (grad,) = torch.autograd.grad(log_p.sum(), x_t)
     maps = reduce_channels(grad.detach(), reduce).reshape(n_t, b, *images.shape[2:]).mean(0)
     return normalise_per_slice(maps)
+
+
+def gradient_map(classifier: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered map ``mean_gradient``: ``maps`` (B, H, W) in [0, 1].
+
+    ``settings``: ``timesteps``, ``reduce``. The noise of each slice comes from ``(seed, slice id)``.
+    """
+    timesteps = [int(t) for t in settings["timesteps"]]
+    noise = feature_noise(batch.slice_ids, len(timesteps), tuple(batch.images.shape[1:]), batch.seed)
+    return {"maps": mean_gradient(classifier, build_scheduler(), batch.images, timesteps, settings["reduce"], noise)}

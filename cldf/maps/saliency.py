@@ -10,12 +10,13 @@ absolute difference between the two, summed over channels. The DDIM loop is writ
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import nn
 
-from cldf.maps.common import normalise_per_slice
-
-NULL_CLASS = 2
+from cldf.maps.common import Batch, normalise_per_slice
+from cldf.models.builders import NULL_CLASS, build_scheduler
 
 
 def ddim_timesteps(noise_level: int, ddim_steps: int) -> list[int]:
@@ -94,3 +95,14 @@ def cdm_saliency(
             x, x_ref = nxt[:b], nxt[b:]
             saliency += (x - x_ref).abs().sum(dim=1)
     return normalise_per_slice(saliency)
+
+
+def saliency_map(cdm: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered map ``saliency``: ``maps`` (B, H, W) in [0, 1], the evidence for the positive class.
+
+    ``settings``: ``noise_level``, ``ddim_steps``. Deterministic (DDIM draws no noise).
+    """
+    labels = torch.ones(len(batch.slice_ids), dtype=torch.long, device=batch.images.device)
+    maps = cdm_saliency(cdm, build_scheduler(), batch.images, labels, int(settings["noise_level"]),
+                        int(settings["ddim_steps"]))
+    return {"maps": maps}

@@ -16,8 +16,8 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
 from cldf.models.decoder import PixelDecoder
+from cldf.registry import MODEL_KINDS
 
-MODEL_KINDS = ("cdm", "noisy_classifier", "cam_classifier", "fsl_unet")
 NULL_CLASS = 2
 """Class label of the CDM's null (unconditional) embedding used for classifier-free guidance."""
 NUM_TRAIN_TIMESTEPS = 1000

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 
 from cldf.atomic import atomic_file
+from cldf.errors import CldfError
 from cldf.models.builders import build_model
 
 REQUIRED_KEYS = ("kind", "settings", "in_channels", "state_dict")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CldfError, RuntimeError):
     """A checkpoint is missing, unreadable, incomplete or made for other data; the message names the file."""
 
 

@@ -1,4 +1,4 @@
-"""Training data for the models: slices of ``slices.zarr``, class-balanced, seeded and resumable.
+"""Training data for the models: slices of the slice store, class-balanced, seeded and resumable.
 
 Only the fully supervised UNet (``with_masks=True``) reads ground-truth masks, through
 :func:`cldf.store.read_ground_truth`; the CDM and the classifiers see images and image-level labels.

@@ -75,7 +75,7 @@ def run_threshold_baseline(
     Parameters
     ----------
     slices_path
-        ``slices.zarr`` (body masks are read from it).
+        The slice store (body masks are read from it).
     map_path
         Map store with ``maps`` (N, H, W) in [0, 1].
     out

@@ -1,6 +1,6 @@
 """On-the-fly upsampling of diffusion features stored at their native resolution.
 
-``features.zarr`` holds one float16 array ``layer_k`` of shape (N, C_k, h_k, w_k) per tapped decoder
+The features store holds one float16 array ``layer_k`` of shape (N, C_k, h_k, w_k) per tapped decoder
 layer. Full-resolution concatenated features are only ever built for one batch of slices, so memory is
 bounded by ``batch_size * D * H * W`` floats whatever the size of the dataset.
 """

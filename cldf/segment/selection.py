@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from skimage.filters import threshold_otsu
 
+from cldf.registry import SELECTION_MAPS as MODE_MAPS
+
 RULES = ("otsu", "quantile")
-# The maps each selection mode reads: ``fused`` is the method, ``cam`` and ``mg`` the ablations.
-MODE_MAPS = {"fused": ("cam", "mg"), "cam": ("cam",), "mg": ("mg",)}
 MODES = tuple(MODE_MAPS)
 
 

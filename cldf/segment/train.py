@@ -8,13 +8,14 @@ background prototypes are accumulated as running sums.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from cldf.errors import PipelineError
 from cldf.models.checkpoint import CheckpointError, load_checkpoint, model_from_payload, save_checkpoint
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import feature_dim, iter_feature_batches
@@ -32,33 +33,31 @@ def _read_map(store: MapStore | None, ids: np.ndarray) -> torch.Tensor | None:
     return torch.from_numpy(store.read("maps", ids).astype(np.float32))
 
 
-def _selected_batches(
-    slices: SliceStore,
-    features_path: str | os.PathLike,
-    cam: MapStore | None,
-    mg: MapStore | None,
-    ids: np.ndarray,
-    selection: Mapping[str, Any],
-    batch_size: int,
-    device: torch.device,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(features (B, D, H, W) on device, labels long (B,), fg (B, H, W) bool, bg (B, H, W) bool)``.
+@dataclass
+class _Source:
+    """Where the decoder's training data comes from: slices, features and the maps of one selection mode."""
 
-    Labels and masks stay on the CPU.
-    """
-    for batch_ids, feats in iter_feature_batches(features_path, ids, batch_size, slices.image_size, device):
-        labels = torch.from_numpy(slices.labels[batch_ids].astype(np.int64))
-        body = torch.from_numpy(slices.body(batch_ids))
-        fg, bg = select_pixels(
-            _read_map(cam, batch_ids),
-            _read_map(mg, batch_ids),
-            labels,
-            body,
-            mode=selection["mode"],
-            rule=selection["threshold"],
-            quantile=float(selection["quantile"]),
-        )
-        yield feats, labels, fg, bg
+    slices: SliceStore
+    features_path: str | os.PathLike
+    cam: MapStore | None
+    mg: MapStore | None
+    selection: Mapping[str, Any]
+    batch_size: int
+    device: torch.device
+
+    def batches(self, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(features (B, D, H, W) on device, labels long (B,), fg (B, H, W) bool, bg (B, H, W) bool)``
+        for consecutive batches of ``ids``; labels and masks stay on the CPU."""
+        size = self.slices.image_size
+        for batch_ids, feats in iter_feature_batches(self.features_path, ids, self.batch_size, size, self.device):
+            labels = torch.from_numpy(self.slices.labels[batch_ids].astype(np.int64))
+            body = torch.from_numpy(self.slices.body(batch_ids))
+            fg, bg = select_pixels(
+                _read_map(self.cam, batch_ids), _read_map(self.mg, batch_ids), labels, body,
+                mode=self.selection["mode"], rule=self.selection["threshold"],
+                quantile=float(self.selection["quantile"]),
+            )
+            yield feats, labels, fg, bg
 
 
 def _sample_pixels(mask: torch.Tensor, max_n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -83,6 +82,63 @@ def _make_optimizer(decoder: PixelDecoder, name: str, lr: float) -> torch.optim.
     raise ValueError(f"unknown optimizer {name!r}; expected 'adam' or 'sgd'")
 
 
+def _train_epoch(
+    decoder: PixelDecoder,
+    optimizer: torch.optim.Optimizer,
+    source: _Source,
+    order: np.ndarray,
+    temperature: float,
+    generator: torch.Generator,
+    desc: str,
+) -> tuple[float | None, int, int]:
+    """One pass over the slices ``order``: (mean loss or None, skipped batches, optimiser steps).
+
+    Per batch: at most ``max_foreground`` / ``max_background`` selected pixels are sampled and one step is
+    taken on their supervised contrastive loss (foreground 1, background 0); a batch lacking either is
+    skipped.
+    """
+    losses: list[float] = []
+    skipped = 0
+    sel = source.selection
+    bar = tqdm(source.batches(order), total=-(-len(order) // source.batch_size), desc=desc, unit="batch")
+    for feats, _, fg, bg in bar:
+        fg_index = _sample_pixels(fg, int(sel["max_foreground"]), generator)
+        bg_index = _sample_pixels(bg, int(sel["max_background"]), generator)
+        n_fg, n_bg = len(fg_index[0]), len(bg_index[0])
+        if n_fg == 0 or n_bg == 0 or n_fg + n_bg < 3:
+            skipped += 1
+            continue
+        x = torch.cat([_pixel_features(feats, fg_index), _pixel_features(feats, bg_index)])
+        y = torch.cat([torch.ones(n_fg, dtype=torch.long), torch.zeros(n_bg, dtype=torch.long)]).to(source.device)
+        loss = supcon_loss(decoder(x), y, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return (float(np.mean(losses)) if losses else None), skipped, len(losses)
+
+
+@torch.no_grad()
+def _prototypes(decoder: PixelDecoder, source: _Source, ids: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Normalised mean embeddings (E,) of *all* selected foreground / background pixels of ``ids``, and
+    counts (``foreground``, ``background``, ``positive_slices_without_foreground``)."""
+    sums = {name: torch.zeros(decoder.out_dim, dtype=torch.float64) for name in ("foreground", "background")}
+    counts = {"foreground": 0, "background": 0, "positive_slices_without_foreground": 0}
+    for feats, labels, fg, bg in source.batches(ids):
+        emb = embed_slices(decoder, feats).permute(0, 2, 3, 1).cpu()  # (B, H, W, E)
+        for name, mask in (("foreground", fg), ("background", bg)):
+            sums[name] += emb[mask].double().sum(dim=0)
+            counts[name] += int(mask.sum())
+        counts["positive_slices_without_foreground"] += int(((labels == 1) & (fg.sum(dim=(1, 2)) == 0)).sum())
+    if counts["foreground"] == 0 or counts["background"] == 0:
+        raise PipelineError(
+            f"pixel selection found {counts['foreground']} foreground and {counts['background']} background "
+            "pixels on the training slices; cannot define the prototypes (check the maps and the threshold)"
+        )
+    return {name: torch.nn.functional.normalize(s, dim=0).float() for name, s in sums.items()}, counts
+
+
 def train_decoder(
     slices_path: str | os.PathLike,
     features_path: str | os.PathLike,
@@ -99,7 +155,7 @@ def train_decoder(
     Parameters
     ----------
     slices_path, features_path
-        ``slices.zarr`` and ``features.zarr`` (layers at native resolution).
+        The slice store and the features store (layers at native resolution).
     cam_path, mg_path
         CAM and mean-gradient map stores; the one the selection mode does not use may be None.
     settings
@@ -109,19 +165,14 @@ def train_decoder(
         Checkpoint path (the format of :mod:`cldf.models.checkpoint`): ``kind`` "pixel_decoder",
         ``settings`` (``widths`` and the training settings), ``in_channels`` = D, ``state_dict``,
         ``prototypes`` (``foreground``/``background``: float32 (E,) unit vectors), ``seed``, ``stats``.
-    device
-        Device of the decoder and of the per-batch features.
-    seed
-        Seeds the initialisation, the slice order of every epoch and the pixel sampling.
+    device, seed
+        Device of the decoder and of the per-batch features; the seed of the initialisation, the slice
+        order of every epoch and the pixel sampling.
     cases
         Restrict training to the slices of these case indices (all training cases when None).
 
-    Each epoch visits the training slices in a seeded random order in batches of ``batch_size`` slices,
-    selects pixels (:func:`select_pixels`), samples at most ``max_foreground`` foreground and
-    ``max_background`` background pixels and takes one optimiser step on their supervised contrastive
-    loss (foreground label 1, background 0). A batch lacking foreground or background pixels is skipped
-    and counted. After training, the prototypes are the normalised mean embeddings of *all* selected
-    foreground / background pixels of the training slices.
+    Each epoch visits the training slices in a seeded random order (:func:`_train_epoch`); afterwards the
+    prototypes are the normalised mean embeddings of all selected pixels (:func:`_prototypes`).
 
     Returns
     -------
@@ -129,17 +180,14 @@ def train_decoder(
     epoch), ``steps``, ``n_train_slices``, ``n_foreground_pixels``, ``n_background_pixels`` (selected,
     over the training set), ``positive_slices_without_foreground``.
     """
-    selection = settings["selection"]
-    dec = settings["decoder"]
-    batch_size = int(dec["batch_size"])
+    selection, dec = settings["selection"], settings["decoder"]
     slices = SliceStore(slices_path)
     used = MODE_MAPS[selection["mode"]]
-    cam = MapStore(cam_path) if "cam" in used else None
-    mg = MapStore(mg_path) if "mg" in used else None
+    source = _Source(slices, features_path, MapStore(cam_path) if "cam" in used else None,
+                     MapStore(mg_path) if "mg" in used else None, selection, int(dec["batch_size"]), device)
     ids = slices.indices(split="train", labels=[0, 1], cases=cases)
     if len(ids) == 0:
-        raise ValueError(f"{slices_path} has no training slice with label 0 or 1")
-
+        raise PipelineError(f"{slices_path} has no training slice with label 0 or 1")
     in_dim = feature_dim(features_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -147,77 +195,26 @@ def train_decoder(
     optimizer = _make_optimizer(decoder, dec["optimizer"], float(dec["lr"]))
     generator = torch.Generator().manual_seed(seed)
     order_rng = np.random.default_rng(seed)
-
-    losses: list[float | None] = []
-    skipped: list[int] = []
-    steps = 0
+    losses, skipped, steps = [], [], 0
     decoder.train()
     for epoch in range(int(dec["epochs"])):
         order = ids[order_rng.permutation(len(ids))]
-        epoch_losses: list[float] = []
-        n_skipped = 0
-        bar = tqdm(
-            _selected_batches(slices, features_path, cam, mg, order, selection, batch_size, device),
-            total=-(-len(order) // batch_size),
-            desc=f"decoder epoch {epoch + 1}/{dec['epochs']}",
-            unit="batch",
-        )
-        for feats, _, fg, bg in bar:
-            fg_index = _sample_pixels(fg, int(selection["max_foreground"]), generator)
-            bg_index = _sample_pixels(bg, int(selection["max_background"]), generator)
-            n_fg, n_bg = len(fg_index[0]), len(bg_index[0])
-            if n_fg == 0 or n_bg == 0 or n_fg + n_bg < 3:
-                n_skipped += 1
-                continue
-            x = torch.cat([_pixel_features(feats, fg_index), _pixel_features(feats, bg_index)])
-            y = torch.cat([torch.ones(n_fg, dtype=torch.long), torch.zeros(n_bg, dtype=torch.long)]).to(device)
-            loss = supcon_loss(decoder(x), y, float(dec["temperature"]))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-            epoch_losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.4f}")
-        losses.append(float(np.mean(epoch_losses)) if epoch_losses else None)
+        loss, n_skipped, n_steps = _train_epoch(decoder, optimizer, source, order, float(dec["temperature"]),
+                                                generator, f"decoder epoch {epoch + 1}/{dec['epochs']}")
+        losses.append(loss)
         skipped.append(n_skipped)
-
+        steps += n_steps
     decoder.eval()
-    sums = {name: torch.zeros(decoder.out_dim, dtype=torch.float64) for name in ("foreground", "background")}
-    counts = {"foreground": 0, "background": 0}
-    positives_without_fg = 0
-    with torch.no_grad():
-        for feats, labels, fg, bg in _selected_batches(
-            slices, features_path, cam, mg, ids, selection, batch_size, device
-        ):
-            emb = embed_slices(decoder, feats).permute(0, 2, 3, 1).cpu()  # (B, H, W, E)
-            for name, mask in (("foreground", fg), ("background", bg)):
-                sums[name] += emb[mask].double().sum(dim=0)
-                counts[name] += int(mask.sum())
-            positives_without_fg += int(((labels == 1) & (fg.sum(dim=(1, 2)) == 0)).sum())
-    if counts["foreground"] == 0 or counts["background"] == 0:
-        raise RuntimeError(
-            f"pixel selection found {counts['foreground']} foreground and {counts['background']} background "
-            "pixels on the training slices; cannot define the prototypes (check the maps and the threshold)"
-        )
-    prototypes = {name: torch.nn.functional.normalize(s, dim=0).float() for name, s in sums.items()}
-
+    prototypes, counts = _prototypes(decoder, source, ids)
     stats: dict[str, Any] = {
-        "loss": losses,
-        "skipped_batches": skipped,
-        "steps": steps,
-        "n_train_slices": int(len(ids)),
-        "n_foreground_pixels": counts["foreground"],
-        "n_background_pixels": counts["background"],
-        "positive_slices_without_foreground": positives_without_fg,
+        "loss": losses, "skipped_batches": skipped, "steps": steps, "n_train_slices": int(len(ids)),
+        "n_foreground_pixels": counts["foreground"], "n_background_pixels": counts["background"],
+        "positive_slices_without_foreground": counts["positive_slices_without_foreground"],
     }
     save_checkpoint(out, {
-        "kind": CHECKPOINT_KIND,
-        "settings": {"widths": list(decoder.widths), **_plain(settings)},
-        "in_channels": in_dim,
-        "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
-        "prototypes": prototypes,
-        "seed": int(seed),
-        "stats": stats,
+        "kind": CHECKPOINT_KIND, "settings": {"widths": list(decoder.widths), **_plain(settings)},
+        "in_channels": in_dim, "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
+        "prototypes": prototypes, "seed": int(seed), "stats": stats,
     })
     return stats
 

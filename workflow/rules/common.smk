@@ -1,21 +1,13 @@
-# Config validation, shard bookkeeping and input functions shared by every rule file.
+# Config validation, the experiment plan (cldf.plan) and the names every rule file shares.
 
-import json
-import math
 import shlex
-import shutil
 import sys
 
-from cldf.config import (
-    ConfigError,
-    dataset_settings,
-    model_settings,
-    validate_config,
-)
+from cldf.catalogue import SELECTION_DIRS
+from cldf.config import ConfigError, validate_config
 from cldf.io.errors import DataError
-from cldf.io.layouts import list_cases
-from cldf.segment.selection import MODE_MAPS
-
+from cldf.plan import MODEL_KINDS, Plan, as_json
+from cldf.registry import MAPS, SEGMENTERS, SELECTION_MAPS
 
 
 def stop(message):
@@ -29,104 +21,47 @@ try:
 except ConfigError as err:
     stop(f"invalid configuration: {err}")
 
-R = config["results_dir"]
-CAMS = config["cams"]["methods"]
-MODEL_KINDS = ["cdm", "noisy_classifier", "cam_classifier", "fsl_unet"]
+PLAN = Plan(config)
+CAT = PLAN.catalogue
 DEVICE = config["device"]
-# Jobs that use the GPU declare `gpu: GPU`; the local profile caps the resource at 1 so GPU jobs run one
-# at a time. On a machine without a GPU nothing is serialised.
-USES_CUDA = DEVICE.startswith("cuda") or (DEVICE == "auto" and shutil.which("nvidia-smi") is not None)
-GPU = 1 if USES_CUDA else 0
-# On the CPU preset one thread per job and jobs side by side beat multi-threaded jobs one after the
-# other (measured on 2 cores); the paper preset's data loading and GPU jobs get more.
-TRAIN_THREADS = 1 if config["model_preset"] == "cpu" else 4
 SEED = config["seed"]
+GPU = PLAN.gpus()  # the local profile caps the `gpu` resource at 1: GPU jobs run one at a time
+TRAIN_THREADS = PLAN.train_threads()
+
+
+def planned(method, *args):
+    """Ask the plan; bad data or config found while planning ends the run with one line."""
+    try:
+        return method(*args)
+    except (DataError, ConfigError) as err:
+        stop(str(err))
+
+
+def shard_paths(name, dataset, **fixed):
+    """The per-shard artifact ``name`` of every shard of ``dataset``."""
+    return [CAT.path(name, dataset=dataset, shard=k, **fixed) for k in planned(PLAN.shards, dataset)]
+
+
+def shard_cases(wildcards):
+    """Comma-separated global case indices of one shard (what `cldf … --cases` takes)."""
+    return ",".join(str(i) for i in planned(PLAN.shard_cases, wildcards.dataset, wildcards.shard))
 
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_]+",
     shard=r"\d+",
-    cam="|".join(CAMS),
-    kind="|".join(MODEL_KINDS),
+    cam="|".join(m.name for m in PLAN.cams()),
+    model="|".join(MODEL_KINDS),
+    map="|".join(m.store for m in MAPS.values()),
+
+MAPS_BY_STORE = {m.store: m for m in MAPS.values()}
+CONDA_ENV = "../envs/cldf.yaml"
+"""The environment of every rule under `--use-conda`; without it the rules run in the current one."""
 
 
-def ds_settings(dataset):
-    """Validated settings of one dataset (image_size resolved from the model preset)."""
-    try:
-        return dataset_settings(config, dataset)
-    except ConfigError as err:
-        stop(str(err))
+MAP_STORES = {"cam": CAT.pattern("map", map="cams/{cam}"), "mg": CAT.pattern("map", map="mean_gradient")}
 
 
-_CASES = {}
-
-
-def cases(dataset):
-    """Case ids of a dataset, from a directory listing (or the phantom config)."""
-    if dataset not in _CASES:
-        try:
-            _CASES[dataset] = list_cases(ds_settings(dataset))
-        except DataError as err:
-            stop(str(err))
-    return _CASES[dataset]
-
-
-def n_shards(dataset):
-    return math.ceil(len(cases(dataset)) / config["shard_size"])
-
-
-def shard_cases(dataset, shard):
-    """Comma-separated global case indices of one shard (what `cldf … --cases` takes)."""
-    size = config["shard_size"]
-    start = int(shard) * size
-    return ",".join(str(i) for i in range(start, min(start + size, len(cases(dataset)))))
-
-
-def shard_paths(pattern, dataset, **fmt):
-    return [pattern.format(R=R, dataset=dataset, shard=k, **fmt) for k in range(n_shards(dataset))]
-
-
-def as_json(obj):
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def raw_inputs(wildcards):
-    """What slicing a shard reads: the phantom manifest, or the NIfTI files of the shard's cases."""
-    ds = ds_settings(wildcards.dataset)
-    if ds["layout"] == "synthetic":
-        return [f"{R}/{wildcards.dataset}/phantom.json"]
-    from cldf.io.layouts import case_files
-
-    idx = [int(i) for i in shard_cases(wildcards.dataset, wildcards.shard).split(",")]
-    skip = ds["on_bad_case"] == "skip"  # a case with a missing file is then skipped by the job, not here
-    try:
-        return [str(p) for i in idx for p in case_files(ds, cases(wildcards.dataset)[i], missing_ok=skip).values()]
-    except DataError as err:
-        stop(str(err))
-
-
-def method_masks(dataset):
-    """Every row of the comparison table: method name → (mask store, cam)."""
-    cam = config["cldf"]["cam"]
-    rows = {"CLDF": (f"{R}/{dataset}/cldf/{cam}/masks.zarr", cam)}
-    for c in CAMS:
-        rows[CAM_NAMES[c]] = (f"{R}/{dataset}/baselines/{c}/masks.zarr", c)
-    rows["MG"] = (f"{R}/{dataset}/baselines/mean_gradient/masks.zarr", "")
-    rows["CDM saliency"] = (f"{R}/{dataset}/baselines/saliency/masks.zarr", "")
-    rows[f"{CAM_NAMES[cam]}+CL"] = (f"{R}/{dataset}/cldf/{cam}/ablation-cam/masks.zarr", cam)
-    rows["MG+CL"] = (f"{R}/{dataset}/cldf/ablation-mg/masks.zarr", "")
-    rows["FSL UNet (upper bound)"] = (f"{R}/{dataset}/baselines/fsl_unet/masks.zarr", "")
-    return rows
-
-
-CAM_NAMES = {"gradcam": "GradCAM", "gradcampp": "GradCAM++", "scorecam": "ScoreCAM", "layercam": "LayerCAM"}
-
-
-def final_outputs(dataset):
-    cam = config["cldf"]["cam"]
-    return [
-        f"{R}/{dataset}/metrics.csv",
-        f"{R}/{dataset}/figure.png",
-        f"{R}/{dataset}/cldf/{cam}/nifti",
-        f"{R}/{dataset}/models/cdm_samples.png",
-    ]
+def decoder_maps(mode):
+    """The map stores a selection mode reads, as rule inputs (named like the `cldf decoder` options)."""
+    return {name: MAP_STORES[name] for name in SELECTION_MAPS[mode]}

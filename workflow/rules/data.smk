@@ -4,52 +4,58 @@
 rule phantom:
     """Generate the synthetic BraTS-layout phantom (the embedded default dataset)."""
     output:
-        f"{R}/{{dataset}}/phantom.json",
+        CAT.pattern("phantom"),
     params:
-        dataset=lambda w: as_json(ds_settings(w.dataset)),
+        dataset=lambda w: as_json(planned(PLAN.dataset, w.dataset)),
     log:
-        f"{R}/logs/{{dataset}}/phantom.log",
+        CAT.log(CAT.pattern("phantom")),
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        CONDA_ENV
     shell:
         "cldf phantom --dataset {params.dataset:q} --manifest {output:q} > {log:q} 2>&1"
 
 
 rule slices_shard:
-    """Read, validate, normalise and slice the cases of one shard."""
+    """Read, check, normalise and slice the cases of one shard."""
     input:
-        raw_inputs,
+        lambda w: planned(PLAN.raw_inputs, w.dataset, w.shard),
     output:
-        temp(directory(f"{R}/{{dataset}}/shards/slices/{{shard}}.zarr")),
+        temp(directory(CAT.pattern("slice_shard"))),
     params:
-        dataset=lambda w: as_json({k: v for k, v in ds_settings(w.dataset).items() if k != "split"}),
-        cases=lambda w: shard_cases(w.dataset, w.shard),
+        dataset=lambda w: as_json({k: v for k, v in planned(PLAN.dataset, w.dataset).items() if k != "split"}),
+        cases=shard_cases,
     log:
-        f"{R}/logs/{{dataset}}/slices/{{shard}}.log",
+        CAT.log(CAT.pattern("slice_shard")),
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
         "cldf slices-shard --dataset {params.dataset:q} --cases {params.cases} --out {output:q} > {log:q} 2>&1"
 
 
 rule slices:
-    """Gather the slice shards into slices.zarr, assign the splits from the kept cases, write the
-    human-readable manifest and the list of skipped cases."""
+    """Gather the slice shards, assign the splits from the kept cases, write the manifest and the
+    list of skipped cases."""
     input:
-        lambda w: shard_paths("{R}/{dataset}/shards/slices/{shard}.zarr", w.dataset),
+        lambda w: shard_paths("slice_shard", w.dataset),
     output:
-        zarr=directory(f"{R}/{{dataset}}/slices.zarr"),
-        manifest=f"{R}/{{dataset}}/slices.csv",
-        skipped=f"{R}/{{dataset}}/skipped_cases.csv",
+        store=directory(CAT.pattern("slices")),
+        manifest=CAT.pattern("slices_csv"),
+        skipped=CAT.pattern("skipped_cases"),
     params:
-        split=lambda w: as_json(ds_settings(w.dataset)["split"]),
+        split=lambda w: as_json(planned(PLAN.dataset, w.dataset)["split"]),
     log:
-        f"{R}/logs/{{dataset}}/slices_gather.log",
+        CAT.log(CAT.pattern("slices")),
     resources:
         mem_mb=2000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
-        "cldf slices-gather --shards {input:q} --out {output.zarr:q} --manifest {output.manifest:q}"
+        "cldf slices-gather --shards {input:q} --out {output.store:q} --manifest {output.manifest:q}"
         " --skipped {output.skipped:q} --split {params.split:q} > {log:q} 2>&1"

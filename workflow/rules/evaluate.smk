@@ -3,48 +3,45 @@
 
 rule metrics:
     input:
-        slices=SLICES,
-        masks=lambda w: [m for m, _ in method_masks(w.dataset).values()],
+        slices=CAT.pattern("slices"),
+        masks=lambda w: [row["masks"] for row in PLAN.table_rows(w.dataset).values()],
     output:
-        table=report(f"{R}/{{dataset}}/metrics.csv", caption="../report/metrics.rst", category="Results"),
-        per_slice=f"{R}/{{dataset}}/metrics_per_slice.csv",
+        table=report(CAT.pattern("metrics"), caption="../report/metrics.rst", category="Results"),
+        per_slice=CAT.pattern("metrics_per_slice"),
     params:
-        methods=lambda w: as_json({k: {"masks": m, "cam": c} for k, (m, c) in method_masks(w.dataset).items()}),
+        methods=lambda w: as_json(PLAN.table_rows(w.dataset)),
     log:
-        f"{R}/logs/{{dataset}}/metrics.log",
+        CAT.log(CAT.pattern("metrics")),
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
         "cldf metrics --slices {input.slices:q} --methods {params.methods:q} --out {output.table:q}"
         " --per-slice {output.per_slice:q} > {log:q} 2>&1"
 
 
-def figure_baselines(dataset):
-    """Baselines without contrastive learning, for the 'best baseline' column of the figure."""
-    rows = method_masks(dataset)
-    names = [CAM_NAMES[c] for c in CAMS] + ["MG", "CDM saliency"]
-    return {name: rows[name][0] for name in names}
-
-
 rule figure:
     input:
-        slices=SLICES,
-        cam=f"{R}/{{dataset}}/cams/{config['cldf']['cam']}.zarr",
-        mg=f"{R}/{{dataset}}/mean_gradient.zarr",
-        cldf=f"{R}/{{dataset}}/cldf/{config['cldf']['cam']}/masks.zarr",
-        metrics=f"{R}/{{dataset}}/metrics.csv",
-        baselines=lambda w: figure_baselines(w.dataset).values(),
+        slices=CAT.pattern("slices"),
+        cam=CAT.pattern("map", map=f"cams/{config['cldf']['cam']}"),
+        mg=CAT.pattern("map", map="mean_gradient"),
+        cldf=CAT.pattern("cldf_masks", selection="fused", cam=config["cldf"]["cam"]),
+        metrics=CAT.pattern("metrics"),
+        baselines=lambda w: PLAN.figure_baselines(w.dataset).values(),
     output:
-        report(f"{R}/{{dataset}}/figure.png", caption="../report/figure.rst", category="Results"),
+        report(CAT.pattern("figure"), caption="../report/figure.rst", category="Results"),
     params:
-        baselines=lambda w: as_json(figure_baselines(w.dataset)),
+        baselines=lambda w: as_json(PLAN.figure_baselines(w.dataset)),
         selection=as_json(config["cldf"]["selection"]),
     log:
-        f"{R}/logs/{{dataset}}/figure.log",
+        CAT.log(CAT.pattern("figure")),
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
         "cldf figure --slices {input.slices:q} --cam {input.cam:q} --mg {input.mg:q} --cldf {input.cldf:q}"
         " --metrics {input.metrics:q} --baselines {params.baselines:q} --selection {params.selection:q}"

@@ -1,6 +1,5 @@
 # The three networks CLDF needs, plus the fully supervised upper bound (comparison only).
 
-
 # One process per GPU under torchrun when a training job gets several GPUs (DistributedDataParallel).
 TRAIN_LAUNCHER = (
     f"torchrun --standalone --nproc_per_node {config['train_gpus']} -m cldf.cli"
@@ -12,39 +11,48 @@ TRAIN_LAUNCHER = (
 rule train_model:
     """Train one model on the training split (image-level labels; masks only for fsl_unet)."""
     input:
-        f"{R}/{{dataset}}/slices.zarr",
+        CAT.pattern("slices"),
     output:
-        model=f"{R}/{{dataset}}/models/{{kind}}.pt",
-        metrics=f"{R}/{{dataset}}/models/{{kind}}.json",
+        model=CAT.pattern("model"),
+        metrics=CAT.pattern("model_metrics"),
     log:
-        f"{R}/logs/{{dataset}}/train_{{kind}}.log",
+        CAT.log(CAT.pattern("model")),
     benchmark:
-        f"{R}/benchmarks/{{dataset}}/train_{{kind}}.tsv"
+        CAT.benchmark(CAT.pattern("model"))
     threads: TRAIN_THREADS
     params:
-        settings=lambda w: as_json(model_settings(config, w.kind)),
+        device=DEVICE,
+        seed=SEED,
+        settings=lambda w: as_json(planned(PLAN.model_settings, w.model)),
         launcher=TRAIN_LAUNCHER,
     resources:
         mem_mb=8000,
         runtime=lambda w: 1440 if config["model_preset"] == "paper" else 60,
         gpu=GPU * config["train_gpus"],
+    conda:
+        CONDA_ENV
     shell:
-        "{params.launcher} train --kind {wildcards.kind} --slices {input:q} --settings {params.settings:q} --out {output.model:q}"
-        " --device {DEVICE} --seed {SEED} --threads {threads} > {log:q} 2>&1"
+        "{params.launcher} train --kind {wildcards.model} --slices {input:q} --settings {params.settings:q}"
+        " --out {output.model:q} --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
 
 
 rule cdm_samples:
     """Class-conditional samples of the CDM (y=0 row, y=1 row) as a PNG grid."""
     input:
-        f"{R}/{{dataset}}/models/cdm.pt",
+        CAT.pattern("model", model="cdm"),
     output:
-        f"{R}/{{dataset}}/models/cdm_samples.png",
+        CAT.pattern("cdm_samples"),
+    params:
+        device=DEVICE,
+        seed=SEED,
     log:
-        f"{R}/logs/{{dataset}}/cdm_samples.log",
+        CAT.log(CAT.pattern("cdm_samples")),
     threads: TRAIN_THREADS
     resources:
         mem_mb=4000,
         runtime=30,
         gpu=GPU,
+    conda:
+        CONDA_ENV
     shell:
-        "cldf samples --cdm {input:q} --out {output:q} --device {DEVICE} --seed {SEED} --threads {threads} > {log:q} 2>&1"
+        "cldf samples --cdm {input:q} --out {output:q} --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"

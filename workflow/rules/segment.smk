@@ -1,123 +1,110 @@
-# CLDF proper: fused pixel selection + contrastive pixel decoder, K-means masks; the thresholded
-# baselines and the fully supervised upper bound; masks written back as NIfTI.
+# CLDF proper: fused pixel selection + contrastive pixel decoder, K-means masks (one decoder per selection
+# mode: fused = CLDF, cam and mg = the ablations); the thresholded baselines and the fully supervised upper
+# bound; masks written back as NIfTI.
 
-# Where each selection mode's decoder and masks live under results/{dataset}/cldf/. The MG-only ablation
-# does not depend on the CAM, so it sits outside the CAM's directory and survives a switch of cldf.cam.
-SELECTION_DIRS = {"fused": "{cam}/", "cam": "{cam}/ablation-cam/", "mg": "ablation-mg/"}
-PROBS = f"{R}/{{dataset}}/classifier_probs.zarr"
+PROBS = CAT.pattern("map", map="classifier_probs")
 
 
-def decoder_settings(mode):
-    cl = config["cldf"]
-    return as_json({"selection": {**cl["selection"], "mode": mode}, "decoder": cl["decoder"]})
-
-
-MAP_STORES = {"cam": f"{R}/{{dataset}}/cams/{{cam}}.zarr", "mg": f"{R}/{{dataset}}/mean_gradient.zarr"}
-
-
-def decoder_maps(mode):
-    """The map stores a selection mode reads, as rule inputs (named like the `cldf decoder` options)."""
-    return {name: MAP_STORES[name] for name in MODE_MAPS[mode]}
-
-
-for _mode, _sub in SELECTION_DIRS.items():
-    _CLDF = f"{R}/{{dataset}}/cldf/{_sub}"
-    _LOGS = f"{R}/logs/{{dataset}}/cldf/{_sub}"
-    _BENCH = f"{R}/benchmarks/{{dataset}}/cldf/{_sub}"
+for _mode in SELECTION_DIRS:
+    _DECODER = CAT.pattern("decoder", selection=_mode)
+    _SHARD = CAT.pattern("cldf_mask_shard", selection=_mode)
+    _MASKS = CAT.pattern("cldf_masks", selection=_mode)
 
     rule:
         name:
             f"decoder_{_mode}"
         input:
-            slices=SLICES,
-            features=f"{R}/{{dataset}}/features.zarr",
+            slices=CAT.pattern("slices"),
+            features=CAT.pattern("map", map="features"),
             **decoder_maps(_mode),
         output:
-            f"{_CLDF}decoder.pt",
+            _DECODER,
         params:
-            settings=decoder_settings(_mode),
-            maps=lambda w, input, mode=_mode: " ".join(f"--{name} {shlex.quote(input[name])}" for name in decoder_maps(mode)),
+            device=DEVICE,
+            seed=SEED,
+            settings=as_json(PLAN.decoder_settings(_mode)),
+            maps=lambda w, input, mode=_mode: " ".join(f"--{n} {shlex.quote(input[n])}" for n in decoder_maps(mode)),
         log:
-            f"{_LOGS}decoder.log",
+            CAT.log(_DECODER),
         benchmark:
-            f"{_BENCH}decoder.tsv"
+            CAT.benchmark(_DECODER)
         threads: TRAIN_THREADS
         resources:
             mem_mb=6000,
             runtime=60,
             gpu=GPU,
+        conda:
+            CONDA_ENV
         shell:
             "cldf decoder --slices {input.slices:q} --features {input.features:q} {params.maps}"
-            " --settings {params.settings:q} --out {output:q} --device {DEVICE} --seed {SEED} --threads {threads}"
+            " --settings {params.settings:q} --out {output:q} --device {params.device} --seed {params.seed} --threads {threads}"
             " > {log:q} 2>&1"
 
     rule:
         name:
             f"segment_shard_{_mode}"
         input:
-            slices=SLICES,
-            features=f"{R}/{{dataset}}/features.zarr",
+            slices=CAT.pattern("slices"),
+            features=CAT.pattern("map", map="features"),
             probs=PROBS,
-            decoder=f"{_CLDF}decoder.pt",
+            decoder=_DECODER,
         output:
-            temp(directory(f"{R}/{{dataset}}/shards/cldf/{_sub}masks/{{shard}}.zarr")),
+            temp(directory(_SHARD)),
         params:
+            device=DEVICE,
+            seed=SEED,
             settings=as_json(config["cldf"]["cluster"]),
-            cases=lambda w: shard_cases(w.dataset, w.shard),
+            cases=shard_cases,
         log:
-            f"{_LOGS}segment_{{shard}}.log",
+            CAT.log(_SHARD),
         benchmark:
-            f"{_BENCH}segment_{{shard}}.tsv"
+            CAT.benchmark(_SHARD)
         threads: 1
         resources:
             mem_mb=4000,
             runtime=60,
+        conda:
+            CONDA_ENV
         shell:
             "cldf segment --slices {input.slices:q} --features {input.features:q} --decoder {input.decoder:q}"
             " --probs {input.probs:q} --settings {params.settings:q} --cases {params.cases} --out {output:q}"
-            " --device {DEVICE} --seed {SEED} --threads {threads} > {log:q} 2>&1"
+            " --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
 
     rule:
         name:
             f"masks_{_mode}"
         input:
-            lambda w, sub=_sub: [
-                f"{R}/{w.dataset}/shards/cldf/{sub.format(cam=getattr(w, 'cam', ''))}masks/{k}.zarr"
-                for k in range(n_shards(w.dataset))
-            ],
+            lambda w, mode=_mode: shard_paths("cldf_mask_shard", w.dataset, selection=mode, cam=getattr(w, "cam", "")),
         output:
-            directory(f"{_CLDF}masks.zarr"),
+            directory(_MASKS),
         log:
-            f"{_LOGS}masks_gather.log",
+            CAT.log(_MASKS),
         resources:
             mem_mb=2000,
             runtime=30,
+        conda:
+            CONDA_ENV
         shell:
             "cldf gather --shards {input:q} --out {output:q} > {log:q} 2>&1"
-
-
-def baseline_map(wildcards):
-    name = wildcards.baseline
-    return f"{R}/{wildcards.dataset}/{'cams/' + name if name in CAMS else name}.zarr"
 
 
 rule baseline_masks:
     """Threshold a CAM, MG or saliency map into masks of the test slices (one rule for all)."""
     input:
-        slices=SLICES,
-        map=baseline_map,
+        slices=CAT.pattern("slices"),
+        map=lambda w: CAT.path("map", dataset=w.dataset, map=MAPS[w.baseline].store),
         probs=PROBS,
     output:
-        directory(f"{R}/{{dataset}}/baselines/{{baseline}}/masks.zarr"),
-    params:
-        rule=config["evaluate"]["baseline_threshold"],
+        directory(CAT.pattern("baseline_masks")),
     wildcard_constraints:
-        baseline="mean_gradient|saliency|" + "|".join(CAMS),
+        baseline="|".join(m.name for m in PLAN.baseline_maps()),
     log:
-        f"{R}/logs/{{dataset}}/baselines/{{baseline}}.log",
+        CAT.log(CAT.pattern("baseline_masks")),
     resources:
         mem_mb=2000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
         "cldf baseline --slices {input.slices:q} --map {input.map:q} --probs {input.probs:q} --out {output:q} > {log:q} 2>&1"
 
@@ -125,33 +112,40 @@ rule baseline_masks:
 rule fsl_masks:
     """Masks of the fully supervised UNet on the test slices (the upper bound of the table)."""
     input:
-        slices=SLICES,
-        model=f"{R}/{{dataset}}/models/fsl_unet.pt",
+        slices=CAT.pattern("slices"),
+        model=CAT.pattern("model", model="fsl_unet"),
     output:
-        directory(f"{R}/{{dataset}}/baselines/fsl_unet/masks.zarr"),
+        directory(CAT.pattern("baseline_masks", baseline="fsl_unet")),
+    params:
+        device=DEVICE,
+        seed=SEED,
     log:
-        f"{R}/logs/{{dataset}}/baselines/fsl_unet.log",
+        CAT.log(CAT.pattern("baseline_masks", baseline="fsl_unet")),
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
         gpu=GPU,
+    conda:
+        CONDA_ENV
     shell:
-        "cldf predict-fsl --slices {input.slices:q} --model {input.model:q} --out {output:q} --device {DEVICE}"
+        "cldf predict-fsl --slices {input.slices:q} --model {input.model:q} --out {output:q} --device {params.device}"
         " --threads {threads} > {log:q} 2>&1"
 
 
 rule nifti:
     """CLDF masks of every test case as NIfTI in the case's original geometry."""
     input:
-        slices=SLICES,
-        masks=f"{R}/{{dataset}}/cldf/{{cam}}/masks.zarr",
+        slices=CAT.pattern("slices"),
+        masks=CAT.pattern("cldf_masks", selection="fused"),
     output:
-        directory(f"{R}/{{dataset}}/cldf/{{cam}}/nifti"),
+        directory(CAT.pattern("nifti")),
     log:
-        f"{R}/logs/{{dataset}}/cldf/{{cam}}/nifti.log",
+        CAT.log(CAT.pattern("nifti")),
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        CONDA_ENV
     shell:
         "cldf nifti --slices {input.slices:q} --masks {input.masks:q} --out {output:q} > {log:q} 2>&1"
