@@ -21,7 +21,7 @@ setup: $(BIN)/cldf
 
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES)
-	@echo; echo "Comparison table: results/synthetic/metrics.csv"; cat results/synthetic/metrics.csv
+	@echo; PATH="$(abspath $(BIN)):$$PATH" $(BIN)/cldf tables results/synthetic
 
 # Unit tests plus one tiny end-to-end run of the workflow (.test/config.yaml); under 10 minutes on 2 cores.
 test: setup

@@ -1,10 +1,11 @@
 """The artifact catalogue: every file the pipeline writes for a dataset, where it lives, what makes it.
 
-Paths are patterns relative to ``results_dir``; ``{dataset}``, ``{shard}``, ``{model}``, ``{map}``, ``{cam}``
-and ``{baseline}`` are wildcards (Snakemake's, in the rules). Rules, the experiment plan, the CLI and the
-tests ask :class:`Catalogue` for paths; no other module spells an artifact's file name. Every artifact is
-written atomically (:mod:`cldf.atomic`); each job also writes a log (and, for the heavy ones, a
-benchmark) whose path :meth:`Catalogue.log` / :meth:`Catalogue.benchmark` derive from its output.
+Paths are patterns relative to ``results_dir``; ``{dataset}``, ``{shard}``, ``{model}``, ``{map}``, ``{cam}``,
+``{selection}``, ``{protocol}`` and ``{baseline}`` are wildcards (Snakemake's, in the rules). Rules, the
+experiment plan, the CLI and the tests ask :class:`Catalogue` for paths; no other module spells an
+artifact's file name. Every artifact is written atomically (:mod:`cldf.atomic`); each job also writes a log
+(and, for the heavy ones, a benchmark) whose path :meth:`Catalogue.log` / :meth:`Catalogue.benchmark`
+derive from its output.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ ARTIFACTS: dict[str, Artifact] = {
         Artifact("slice_shard", "{dataset}/shards/slices/{shard}" + ZARR, "zarr", "slices_shard",
                  "slices of one shard of cases (temporary)"),
         Artifact("slices", "{dataset}/slices" + ZARR, "zarr", "slices",
-                 "images, body masks, labels, case/slice ids, split; ground truth in a sub-group"),
+                 "images, body masks, labels, case/slice ids, split; train/val ground truth in a sub-group"),
+        Artifact("test_truth", "{dataset}/test_truth" + ZARR, "zarr", "slices",
+                 "masks of the test slices (read by evaluation only)"),
         Artifact("slices_csv", "{dataset}/slices.csv", "csv", "slices", "one row per slice"),
         Artifact("skipped_cases", "{dataset}/skipped_cases.csv", "csv", "slices", "case,reason of skipped cases"),
         Artifact("model", "{dataset}/models/{model}.pt", "checkpoint", "train_model",
@@ -47,27 +50,39 @@ ARTIFACTS: dict[str, Artifact] = {
         Artifact("map_shard", "{dataset}/shards/{map}/{shard}" + ZARR, "zarr", "map_shard",
                  "one registered per-slice map (features, gradients, a CAM, ...) of one shard (temporary)"),
         Artifact("map", "{dataset}/{map}" + ZARR, "zarr", "gather_map",
-                 "one registered per-slice map of every slice (CAMs under cams/)"),
-        Artifact("decoder", "{dataset}/cldf/{selection}decoder.pt", "checkpoint", "decoder",
-                 "CLDF's pixel decoder for one pixel-selection mode"),
-        Artifact("cldf_mask_shard", "{dataset}/shards/cldf/{selection}masks/{shard}" + ZARR, "zarr", "segment_shard",
-                 "K-means masks of one shard's test slices (temporary)"),
-        Artifact("cldf_masks", "{dataset}/cldf/{selection}masks" + ZARR, "zarr", "cldf_masks",
-                 "K-means masks of the test slices for one pixel-selection mode"),
+                 "one registered per-slice map (CAMs under cams/, a per-layer CAM as cams/<name>_layers)"),
+        Artifact("fused_cam", "{dataset}/cams/{cam}" + ZARR, "zarr", "fuse_cam",
+                 "a per-layer CAM fused over the layers chosen on validation"),
+        Artifact("map_choices", "{dataset}/choices/maps.csv", "csv", "choose_maps",
+                 "thresholds of the baseline maps, LayerCAM layers, intensity channel: chosen on validation"),
+        Artifact("decoder", "{dataset}/cldf/{cam}/{selection}/decoder.pt", "checkpoint", "decoder",
+                 "CLDF's pixel decoder for one pixel-selection mode (fused = CLDF; cam, mg = the ablations)"),
+        Artifact("tuning", "{dataset}/cldf/{cam}/tuning.csv", "csv", "tune_decoder",
+                 "the decoder settings tried on validation (selection quantile, optimiser)"),
+        Artifact("unlabelled_choices", "{dataset}/cldf/{cam}/unlabelled.csv", "csv", "choose_unlabelled",
+                 "CDM conditioning and gate threshold of the unlabelled protocol, chosen on validation"),
+        Artifact("selection", "{dataset}/selection.csv", "csv", "selection",
+                 "every choice made on validation: choice, value, val_dice, chosen"),
+        Artifact("cldf_mask_shard", "{dataset}/shards/cldf/{cam}/{protocol}/{shard}" + ZARR, "zarr", "segment_shard",
+                 "K-means masks of one shard's test slices under one protocol, every decoder (temporary)"),
+        Artifact("cldf_masks", "{dataset}/cldf/{cam}/masks_{protocol}" + ZARR, "zarr", "cldf_masks",
+                 "K-means masks of the test slices under one protocol: arrays CLDF, cam_cl, mg_cl"),
         Artifact("baseline_masks", "{dataset}/baselines/{baseline}/masks" + ZARR, "zarr", "baseline_masks",
-                 "test masks of a thresholded map, or of the fully supervised UNet"),
+                 "test masks of a thresholded map, the intensity threshold, or the fully supervised UNet"),
         Artifact("nifti", "{dataset}/cldf/{cam}/nifti", "nifti-dir", "nifti",
-                 "CLDF masks of the test cases as NIfTI in each case's own geometry"),
-        Artifact("metrics", "{dataset}/metrics.csv", "csv", "metrics", "the comparison table"),
+                 "CLDF masks of the test cases (unlabelled protocol) as NIfTI in each case's own geometry"),
+        Artifact("metrics", "{dataset}/metrics.csv", "csv", "metrics", "the comparison table, both protocols"),
         Artifact("metrics_per_slice", "{dataset}/metrics_per_slice.csv", "csv", "metrics",
-                 "Dice, IoU, HD95 per method and test slice"),
+                 "Dice, IoU, HD95 per protocol, method and test slice"),
+        Artifact("metrics_per_case", "{dataset}/metrics_per_case.csv", "csv", "metrics",
+                 "mean Dice, IoU, HD95 per protocol, method and test case"),
+        Artifact("differences", "{dataset}/differences.csv", "csv", "metrics",
+                 "the default CLDF row minus every other row, paired by case, with a bootstrap interval"),
+        Artifact("metrics_3d", "{dataset}/metrics_3d.csv", "csv", "metrics_3d",
+                 "3-D Dice and HD95 (mm) per protocol, method and test case, in the scan's own geometry"),
         Artifact("figure", "{dataset}/figure.png", "png", "figure", "the qualitative figure (paper Fig. 3)"),
     ]
 }
-
-SELECTION_DIRS = {"fused": "{cam}/", "cam": "{cam}/ablation-cam/", "mg": "ablation-mg/"}
-"""Sub-directory of ``cldf/`` per pixel-selection mode; the MG-only ablation does not depend on the CAM,
-so it lives outside the CAM's directory and survives a switch of ``cldf.cam``."""
 
 
 class _Keep(dict):
@@ -90,11 +105,8 @@ class Catalogue:
 
     def pattern(self, name: str, **fixed: object) -> str:
         """``results_dir/<pattern>`` with the ``fixed`` wildcards filled in and the others left as ``{w}``."""
-        artifact = ARTIFACTS[name]
         values = {k: str(v) for k, v in fixed.items()}
-        if "selection" in values:
-            values["selection"] = SELECTION_DIRS[values["selection"]].format_map(_Keep(values))
-        return f"{self.root}/" + artifact.pattern.format_map(_Keep(values))
+        return f"{self.root}/" + ARTIFACTS[name].pattern.format_map(_Keep(values))
 
     def path(self, name: str, **values: object) -> str:
         """A concrete path; every wildcard of the artifact must be given."""

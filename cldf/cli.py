@@ -44,16 +44,23 @@ def _model(path: str, kind: str, args: argparse.Namespace):
     return load_model(path, _device(args), kind, {"image_size": slices.image_size, "in_channels": slices.channels})
 
 
+def _chosen(path: str, choice: str) -> Any:
+    from cldf.evaluate.choose import chosen, read_selection
+
+    return chosen(read_selection(path), choice)
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 
 def cmd_phantom(args: argparse.Namespace) -> None:
+    from cldf.atomic import write_text
     from cldf.data.phantom import generate_phantom
 
     ds = args.dataset
     ph = ds["phantom"]
     generate_phantom(ds["root"], ph["n_cases"], ph["shape"], ph["seed"], tuple(ds["modalities"]))
-    Path(args.manifest).write_text(json.dumps({"root": ds["root"], **ph}, indent=2) + "\n")
+    write_text(args.manifest, json.dumps({"root": ds["root"], **ph}, indent=2) + "\n")
 
 
 def cmd_slices_shard(args: argparse.Namespace) -> None:
@@ -67,7 +74,7 @@ def cmd_slices_shard(args: argparse.Namespace) -> None:
 def cmd_slices_gather(args: argparse.Namespace) -> None:
     from cldf.data.slices import gather
 
-    gather(args.shards, args.out, args.manifest, args.skipped, args.split)
+    gather(args.shards, args.out, args.test_truth, args.manifest, args.skipped, args.split)
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -111,79 +118,143 @@ def cmd_gather(args: argparse.Namespace) -> None:
     gather_stores(args.shards, args.out)
 
 
+def cmd_fuse_cam(args: argparse.Namespace) -> None:
+    from cldf.maps.cams import candidate_layers
+    from cldf.maps.run import fuse_store
+
+    names = candidate_layers(args.settings["layercam_layers"])
+    fuse_store(args.map, names, _chosen(args.choices, f"layers:{args.name}"), args.out)
+
+
+# --- choices made on validation ----------------------------------------------------------------
+
+
+def cmd_choose_maps(args: argparse.Namespace) -> None:
+    from cldf.evaluate.choose import choose_maps, write_rows
+
+    write_rows(choose_maps(args.slices, args.maps, args.per_layer, args.settings), args.out)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from cldf.evaluate.choose import tune_decoder, write_rows
+    from cldf.segment.features import StoredFeatures
+    from cldf.store import SliceStore
+
+    features = StoredFeatures(args.features, SliceStore(args.slices).image_size, _device(args))
+    s = args.settings
+    rows = tune_decoder(args.slices, features, args.cam, args.mg, s["cldf"], s["choices"], args.out, args.seed,
+                        int(s["max_train_slices"]))
+    write_rows(rows, args.rows_out)
+
+
+def cmd_choose_unlabelled(args: argparse.Namespace) -> None:
+    from cldf.evaluate.choose import choose_unlabelled, write_rows
+
+    cdm = _model(args.cdm, "cdm", args)
+    s = args.settings
+    rows = choose_unlabelled(args.slices, cdm, args.decoder, args.probs, s["features"], s["cluster"], s["choices"],
+                             _device(args), args.seed)
+    write_rows(rows, args.out)
+
+
+def cmd_selection(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from cldf.evaluate.choose import read_selection, write_rows
+
+    frames = [read_selection(p) for p in args.parts]
+    write_rows(pd.concat(frames, ignore_index=True).to_dict("records"), args.out)
+
+
 # --- segmentation -------------------------------------------------------------------------------
 
 
 def cmd_decoder(args: argparse.Namespace) -> None:
+    from cldf.evaluate.choose import decoder_settings, read_selection, chosen
+    from cldf.segment.features import StoredFeatures
     from cldf.segment.train import train_decoder
+    from cldf.store import SliceStore
 
-    stats = train_decoder(
-        args.slices, args.features, args.cam, args.mg, args.settings, Path(args.out), _device(args), args.seed
-    )
-    LOG.info("decoder training: %s", stats)
+    features = StoredFeatures(args.features, SliceStore(args.slices).image_size, _device(args))
+    s = args.settings
+    settings = decoder_settings(s["cldf"], chosen(read_selection(args.tuning), "decoder"), args.mode)
+    _, checkpoint = train_decoder(args.slices, features, args.cam, args.mg, settings, args.out, args.seed,
+                                  int(s["max_train_slices"]))
+    LOG.info("decoder training: %s", checkpoint["stats"])
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
     from cldf.segment.cluster import run_segmentation
+    from cldf.segment.features import ComputedFeatures
+    from cldf.store import MapStore, SliceStore
 
-    run_segmentation(
-        args.slices, args.features, args.decoder, args.probs, args.settings, args.cases, ["test"], args.out,
-        _device(args), args.seed,
-    )
+    slices = SliceStore(args.slices)
+    ids = slices.indices(split="test", cases=args.cases)
+    if args.protocol == "labelled":
+        conditioning, segment = "label", slices.labels[ids] != 0
+    else:
+        conditioning, segment = _chosen(args.choices, "conditioning"), ids >= 0
+    features = ComputedFeatures(_model(args.cdm, "cdm", args), slices, args.settings["features"], conditioning,
+                                args.seed, _device(args), MapStore(args.probs))
+    run_segmentation(args.slices, features, args.decoders, args.settings["cluster"], ids, segment, args.out,
+                     _device(args), args.seed)
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
     from cldf.segment.baselines import run_threshold_baseline
     from cldf.store import SliceStore
 
-    test_ids = SliceStore(args.slices).indices(split="test")
-    run_threshold_baseline(args.slices, args.map, args.out, slice_ids=test_ids, probs_path=args.probs)
+    slices = SliceStore(args.slices)
+    ids = slices.indices(split="test")
+    if args.map:
+        run_threshold_baseline(args.slices, args.map, args.out, ids, _chosen(args.choices, f"threshold:{args.name}"))
+    else:
+        modality, polarity = str(_chosen(args.choices, "intensity")).split(":")
+        run_threshold_baseline(args.slices, None, args.out, ids, "otsu", (slices.modalities.index(modality), polarity))
 
 
 def cmd_nifti(args: argparse.Namespace) -> None:
     from cldf.segment.export import write_case_masks
 
-    write_case_masks(args.slices, args.masks, args.out)
+    write_case_masks(args.slices, args.masks, args.array, args.out, args.probs, float(_chosen(args.choices, "gate")))
 
 
 # --- evaluation ---------------------------------------------------------------------------------
 
 
 def cmd_metrics(args: argparse.Namespace) -> None:
-    from cldf.evaluate.table import evaluate_methods
+    from cldf.evaluate.table import evaluate
 
-    evaluate_methods(args.slices, args.methods, args.out, args.per_slice)
+    outputs = {"metrics": args.out, "per_slice": args.per_slice, "per_case": args.per_case,
+               "differences": args.differences}
+    evaluate(args.slices, args.test_truth, args.probs, float(_chosen(args.choices, "gate")), args.rows,
+             args.settings["reference"], outputs, int(args.settings["bootstrap"]), args.seed)
+
+
+def cmd_metrics_3d(args: argparse.Namespace) -> None:
+    from cldf.evaluate.volumes import volume_table
+
+    volume_table(args.slices, args.dataset, args.probs, float(_chosen(args.choices, "gate")), args.rows, args.out)
 
 
 def cmd_figure(args: argparse.Namespace) -> None:
-    import numpy as np
-    import pandas as pd
-    import torch
+    from cldf.evaluate.figures import paper_figure
 
-    from cldf.evaluate.figures import figure_grid
-    from cldf.segment.selection import select_pixels
-    from cldf.store import MapStore, SliceStore
+    paper_figure(args.slices, args.test_truth, args.cam, args.mg, args.cldf, args.metrics, args.baselines,
+                 args.settings, _chosen(args.choices, "decoder"), args.out)
 
-    slices = SliceStore(args.slices)
-    cam, mg = MapStore(args.cam), MapStore(args.mg)
-    sel = args.selection
 
-    def fused_selection(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        fg, bg = select_pixels(
-            torch.from_numpy(cam.read("maps", ids).astype(np.float32)),
-            torch.from_numpy(mg.read("maps", ids).astype(np.float32)),
-            torch.from_numpy(slices.labels[ids].astype(np.int64)),
-            torch.from_numpy(slices.body(ids)),
-            sel["mode"], sel["threshold"], sel["quantile"],
-        )
-        return fg.numpy(), bg.numpy()
+def cmd_tables(args: argparse.Namespace) -> None:
+    from cldf.evaluate.report import tables
 
-    table = pd.read_csv(args.metrics).set_index("method")
-    best = table.loc[list(args.baselines), "dice_mean"].idxmax()
-    figure_grid(args.slices, {
-        "CAM": args.cam, "MG": args.mg, "fused selection": fused_selection, "CLDF": args.cldf,
-        f"best baseline ({best})": args.baselines[best],
-    }, args.out)
+    sys.stdout.write(tables(args.results))
+
+
+Command = tuple[Callable[[argparse.Namespace], None], list[tuple[tuple[str, ...], dict[str, Any]]]]
+
+
+def _option(name: str, **kwargs: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return ((f"--{name}",), {"required": True, **kwargs})
 
 
 def _model_kinds() -> list[str]:
@@ -198,54 +269,61 @@ def _map_names() -> list[str]:
     return list(MAPS)
 
 
-Command = tuple[Callable[[argparse.Namespace], None], list[tuple[tuple[str, ...], dict[str, Any]]]]
-
-_SLICES = (("--slices",), {"required": True, "help": "the slice store"})
-_OUT = (("--out",), {"required": True})
-_SETTINGS = (("--settings",), {"type": _json, "required": True, "help": "step settings as JSON"})
+_SLICES = _option("slices", help="the slice store")
+_OUT = _option("out")
+_SETTINGS = _option("settings", type=_json, help="step settings as JSON")
 _CASES = (("--cases",), {"type": _ints, "default": "", "help": "comma-separated case indices of the shard"})
+_CHOICES = _option("choices", help="a CSV of choices made on validation")
+_JSON = {"type": _json}
 
 COMMANDS: dict[str, tuple[str, Command]] = {
     "phantom": ("generate the synthetic BraTS-layout phantom", (cmd_phantom, [
-        (("--dataset",), {"type": _json, "required": True}), (("--manifest",), {"required": True})])),
+        _option("dataset", **_JSON), _option("manifest")])),
     "slices-shard": ("NIfTI cases of one shard → slice store", (cmd_slices_shard, [
-        (("--dataset",), {"type": _json, "required": True}), _CASES, _OUT])),
-    "slices-gather": ("gather slice shards → the slice store + manifest CSV + skipped cases", (cmd_slices_gather, [
-        (("--shards",), {"nargs": "+", "required": True}), _OUT, (("--manifest",), {"required": True}),
-        (("--skipped",), {"required": True, "help": "skipped_cases.csv"}),
-        (("--split",), {"type": _json, "required": True, "help": "the dataset's split settings"})])),
+        _option("dataset", **_JSON), _CASES, _OUT])),
+    "slices-gather": ("gather slice shards → the slice store, test truth, manifest, skipped cases", (cmd_slices_gather, [
+        _option("shards", nargs="+"), _OUT, _option("test-truth"), _option("manifest"), _option("skipped"),
+        _option("split", **_JSON, help="the dataset's split settings")])),
     "train": ("train one model (cdm, noisy_classifier, cam_classifier, fsl_unet)", (cmd_train, [
-        (("--kind",), {"required": True, "choices": _model_kinds()}),
-        _SLICES, _SETTINGS, _OUT])),
+        _option("kind", choices=_model_kinds()), _SLICES, _SETTINGS, _OUT])),
     "samples": ("class-conditional CDM samples as a PNG grid", (cmd_samples, [
-        (("--cdm",), {"required": True}), (("--n-per-class",), {"type": int, "default": 8}),
+        _option("cdm"), (("--n-per-class",), {"type": int, "default": 8}),
         (("--guidance",), {"type": float, "default": 3.0, "help": "classifier-free guidance scale"}), _OUT])),
     "predict-fsl": ("masks of the fully supervised UNet on the test split", (cmd_predict_fsl, [
-        _SLICES, (("--model",), {"required": True}), _OUT])),
+        _SLICES, _option("model"), _OUT])),
     "map": ("one registered per-slice map (features, gradients, a CAM, ...) of one shard", (cmd_map, [
-        _SLICES, (("--map",), {"required": True, "choices": _map_names()}),
-        (("--model",), {"required": True, "help": "the trained network the map reads"}), _SETTINGS, _CASES, _OUT])),
-    "gather": ("gather row-aligned shard stores", (cmd_gather, [
-        (("--shards",), {"nargs": "+", "required": True}), _OUT])),
-    "decoder": ("train the contrastive pixel decoder", (cmd_decoder, [
-        _SLICES, (("--features",), {"required": True}),
-        (("--cam",), {"default": None, "help": "CAM store (selection modes fused and cam)"}),
-        (("--mg",), {"default": None, "help": "mean-gradient store (selection modes fused and mg)"}), _SETTINGS, _OUT])),
-    "segment": ("K-means masks of the test slices of one shard", (cmd_segment, [
-        _SLICES, (("--features",), {"required": True}), (("--decoder",), {"required": True}),
-        (("--probs",), {"default": None, "help": "classifier probabilities (gate)"}), _SETTINGS, _CASES, _OUT])),
-    "baseline": ("threshold a map store into test masks", (cmd_baseline, [
-        _SLICES, (("--map",), {"required": True}), (("--probs",), {"default": None}), _OUT])),
-    "nifti": ("write masks back as NIfTI in each case's original geometry", (cmd_nifti, [
-        _SLICES, (("--masks",), {"required": True}), _OUT])),
-    "metrics": ("the comparison table", (cmd_metrics, [
-        _SLICES, (("--methods",), {"type": _json, "required": True}), _OUT,
-        (("--per-slice",), {"required": True})])),
+        _SLICES, _option("map", choices=_map_names()), _option("model", help="the trained network the map reads"),
+        _SETTINGS, _CASES, _OUT])),
+    "gather": ("gather row-aligned shard stores", (cmd_gather, [_option("shards", nargs="+"), _OUT])),
+    "fuse-cam": ("fuse a per-layer CAM over the layers chosen on validation", (cmd_fuse_cam, [
+        _option("map"), _option("name"), _CHOICES, _SETTINGS, _OUT])),
+    "choose-maps": ("choose map thresholds, CAM layers and the intensity channel on validation", (cmd_choose_maps, [
+        _SLICES, _option("maps", **_JSON), _option("per-layer", **_JSON), _SETTINGS, _OUT])),
+    "tune": ("train CLDF's decoder for every candidate setting, keep the best on validation", (cmd_tune, [
+        _SLICES, _option("features"), _option("cam"), _option("mg"), _SETTINGS, _OUT, _option("rows-out")])),
+    "choose-unlabelled": ("choose the unlabelled protocol's CDM conditioning and gate on validation", (
+        cmd_choose_unlabelled, [_SLICES, _option("cdm"), _option("decoder"), _option("probs"), _SETTINGS, _OUT])),
+    "selection": ("concatenate the choices into selection.csv", (cmd_selection, [_option("parts", nargs="+"), _OUT])),
+    "decoder": ("train an ablation decoder with the settings chosen for CLDF", (cmd_decoder, [
+        _SLICES, _option("features"), (("--cam",), {"default": None}), (("--mg",), {"default": None}),
+        _option("mode", choices=["cam", "mg"]), _option("tuning"), _SETTINGS, _OUT])),
+    "segment": ("K-means masks of one shard's test slices under one protocol", (cmd_segment, [
+        _SLICES, _option("cdm"), _option("decoders", **_JSON), _option("protocol", choices=["labelled", "unlabelled"]),
+        _CHOICES, _option("probs"), _SETTINGS, _CASES, _OUT])),
+    "baseline": ("threshold a map (or one image channel) into test masks", (cmd_baseline, [
+        _SLICES, (("--map",), {"default": None}), _option("name"), _CHOICES, _OUT])),
+    "nifti": ("write test masks back as NIfTI in each case's original geometry", (cmd_nifti, [
+        _SLICES, _option("masks"), _option("array"), _option("probs"), _CHOICES, _OUT])),
+    "metrics": ("the comparison table under both protocols", (cmd_metrics, [
+        _SLICES, _option("test-truth"), _option("probs"), _CHOICES, _option("rows", **_JSON), _SETTINGS, _OUT,
+        _option("per-slice"), _option("per-case"), _option("differences")])),
+    "metrics-3d": ("3-D Dice and HD95 (mm) in each test scan's own geometry", (cmd_metrics_3d, [
+        _SLICES, _option("dataset", **_JSON), _option("probs"), _CHOICES, _option("rows", **_JSON), _OUT])),
     "figure": ("the qualitative figure (paper Fig. 3)", (cmd_figure, [
-        _SLICES, (("--cam",), {"required": True}), (("--mg",), {"required": True}),
-        (("--cldf",), {"required": True}), (("--metrics",), {"required": True}),
-        (("--baselines",), {"type": _json, "required": True, "help": "method name → masks store"}),
-        (("--selection",), {"type": _json, "required": True, "help": "cldf.selection settings"}), _OUT])),
+        _SLICES, _option("test-truth"), _option("cam"), _option("mg"), _option("cldf"), _option("metrics"),
+        _option("baselines", **_JSON, help="method → masks store"), _CHOICES, _SETTINGS, _OUT])),
+    "tables": ("print the result tables of results/<dataset> as Markdown", (cmd_tables, [
+        (("results",), {"help": "a dataset's results folder, e.g. results/synthetic"})])),
 }
 
 

@@ -14,9 +14,9 @@ import shutil
 from typing import Any, Callable, Mapping
 
 from cldf.catalogue import Catalogue
-from cldf.config import dataset_settings, model_settings
+from cldf.config import dataset_settings, model_settings, resolved_preset
 from cldf.io.layouts import case_files, list_cases
-from cldf.registry import MAPS, MODEL_KINDS, SEGMENTERS, MapMethod, map_settings
+from cldf.registry import DECODERS, MAPS, MODEL_KINDS, SEGMENTERS, MapMethod, map_by_store, map_settings
 
 __all__ = ["MODEL_KINDS", "Plan", "as_json"]
 
@@ -77,13 +77,40 @@ class Plan:
         return model_settings(self.config, kind)
 
     def map_settings(self, store: str) -> dict[str, Any]:
-        from cldf.registry import map_by_store
+        """A map's settings; a CAM that CLDF does not start from is computed for its evaluation rows only."""
+        method = map_by_store(store)
+        settings = map_settings(self.config, method)
+        if method.family == "cam":
+            settings["rows"] = "all" if method.name in self.cldf_cams() else "evaluation"
+        return settings
 
-        return map_settings(self.config, map_by_store(store))
+    def cldf_cams(self) -> list[str]:
+        """The CAMs CLDF starts from in this run."""
+        return [self.config["cldf"]["cam"]]
 
-    def decoder_settings(self, selection: str) -> dict[str, Any]:
+    def cldf_settings(self) -> dict[str, Any]:
+        """What the decoder's training and clustering depend on besides the tuned choices."""
         cl = self.config["cldf"]
-        return {"selection": {**cl["selection"], "mode": selection}, "decoder": cl["decoder"]}
+        pixels = resolved_preset(self.config)["decoder_pixels"]
+        return {"selection": {**cl["selection"], **pixels}, "decoder": cl["decoder"], "cluster": cl["cluster"]}
+
+    def tune_settings(self) -> dict[str, Any]:
+        """Settings of CLDF's decoder tuning (and of the ablation decoders, which reuse its choice)."""
+        choices = self.config["choices"]
+        return {"cldf": self.cldf_settings(), "choices": {k: choices[k] for k in ("quantile", "optimizer")},
+                "max_train_slices": self.config["features"]["max_train_slices"]}
+
+    def segment_settings(self) -> dict[str, Any]:
+        """What segmentation with on-the-fly features depends on."""
+        features = self.config["features"]
+        return {"features": {k: features[k] for k in ("timesteps", "layers")}, "cluster": self.config["cldf"]["cluster"]}
+
+    def unlabelled_settings(self) -> dict[str, Any]:
+        choices = self.config["choices"]
+        return {**self.segment_settings(), "choices": {k: choices[k] for k in ("conditioning", "gate")}}
+
+    def map_choice_settings(self) -> dict[str, Any]:
+        return {k: self.config["choices"][k] for k in ("threshold", "layercam_layers")}
 
     # --- methods and the table ------------------------------------------------------------------
 
@@ -91,43 +118,70 @@ class Plan:
         """The CAM methods the config computes."""
         return [MAPS[name] for name in self.config["cams"]["methods"]]
 
+    def maps(self) -> list[MapMethod]:
+        """Every map the config computes: the non-CAM maps and the configured CAMs."""
+        return [*[m for m in MAPS.values() if m.family != "cam"], *self.cams()]
+
     def baseline_maps(self) -> list[MapMethod]:
         """Maps whose thresholded masks are rows of the table: the configured CAMs, then the other maps."""
         return [*self.cams(), *[m for m in MAPS.values() if m.family == "map"]]
 
-    def segmenter_masks(self, dataset: str, name: str) -> str:
-        segmenter = SEGMENTERS[name]
-        if segmenter.selection is None:
-            return self.catalogue.path("baseline_masks", dataset=dataset, baseline=name)
-        return self.catalogue.path("cldf_masks", dataset=dataset, selection=segmenter.selection,
-                                   cam=self.config["cldf"]["cam"])
+    def final_map(self, dataset: str, method: MapMethod) -> str:
+        """The store of a map the rest of the pipeline reads (a per-layer CAM: its fused store)."""
+        if method.per_layer:
+            return self.catalogue.path("fused_cam", dataset=dataset, cam=method.name)
+        return self.catalogue.path("map", dataset=dataset, map=method.store)
 
-    def table_rows(self, dataset: str) -> dict[str, dict[str, str]]:
-        """Every row of the comparison table: label → ``{"masks": store, "cam": CAM it starts from or ""}``."""
-        cam = MAPS[self.config["cldf"]["cam"]]
-        rows = {}
-        for method in self.baseline_maps():
-            masks = self.catalogue.path("baseline_masks", dataset=dataset, baseline=method.name)
-            rows[method.label] = {"masks": masks, "cam": method.name if method.family == "cam" else ""}
-        for name, segmenter in SEGMENTERS.items():
-            label = segmenter.label.format(cam=cam.label)
-            rows[label] = {"masks": self.segmenter_masks(dataset, name), "cam": cam.name if segmenter.uses_cam else ""}
+    def choice_maps(self, dataset: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Inputs of the map choices: thresholded maps (name → store), per-layer CAMs (name → per-layer store)."""
+        plain = {m.name: self.final_map(dataset, m) for m in self.baseline_maps() if not m.per_layer}
+        layered = {m.name: self.catalogue.path("map", dataset=dataset, map=m.store)
+                   for m in self.baseline_maps() if m.per_layer}
+        return plain, layered
+
+    def decoders(self, dataset: str, cam: str) -> dict[str, str]:
+        """Segmenter name → decoder checkpoint, for the decoders of one CAM (CLDF and its ablations)."""
+        return {name: self.catalogue.path("decoder", dataset=dataset, cam=cam, selection=mode)
+                for mode, name in DECODERS.items()}
+
+    def rows(self, dataset: str) -> list[dict[str, Any]]:
+        """Every row of the comparison table: ``protocol, method, cam, masks, array, gated``."""
+        cam = self.config["cldf"]["cam"]
+        c = self.catalogue
+        rows = []
+        for protocol in self.config["evaluate"]["protocols"]:
+            for method in self.baseline_maps():
+                rows.append({"method": method.name, "cam": method.name if method.family == "cam" else "",
+                             "masks": c.path("baseline_masks", dataset=dataset, baseline=method.name), "array": "masks"})
+            for name, segmenter in SEGMENTERS.items():
+                if segmenter.selection:
+                    masks = c.path("cldf_masks", dataset=dataset, cam=cam, protocol=protocol)
+                    rows.append({"method": name, "cam": cam if segmenter.uses_cam else "", "masks": masks, "array": name})
+                else:
+                    rows.append({"method": name, "cam": "", "array": "masks",
+                                 "masks": c.path("baseline_masks", dataset=dataset, baseline=name)})
+            for row in rows:
+                row.setdefault("protocol", protocol)
+                row.setdefault("gated", SEGMENTERS[row["method"]].gated if row["method"] in SEGMENTERS else True)
         return rows
 
+    def reference(self) -> dict[str, str]:
+        """The row ``differences.csv`` compares every other row with: CLDF on the configured CAM."""
+        return {"method": "CLDF", "cam": self.config["cldf"]["cam"]}
+
     def figure_baselines(self, dataset: str) -> dict[str, str]:
-        """Rows without contrastive learning, for the figure's 'best baseline' column: label → masks store."""
-        rows = self.table_rows(dataset)
-        return {m.label: rows[m.label]["masks"] for m in self.baseline_maps()}
+        """Thresholded maps, for the figure's 'best baseline' column: name → masks store."""
+        return {m.name: self.catalogue.path("baseline_masks", dataset=dataset, baseline=m.name)
+                for m in self.baseline_maps()}
+
+    def evaluation_settings(self) -> dict[str, Any]:
+        return {"reference": self.reference(), "bootstrap": self.config["evaluate"]["bootstrap"]}
 
     def final_targets(self, dataset: str) -> list[str]:
         """What ``snakemake`` with no target builds for ``dataset``."""
         c, cam = self.catalogue, self.config["cldf"]["cam"]
-        return [
-            c.path("metrics", dataset=dataset),
-            c.path("figure", dataset=dataset),
-            c.path("nifti", dataset=dataset, cam=cam),
-            c.path("cdm_samples", dataset=dataset),
-        ]
+        names = ["metrics", "metrics_per_case", "differences", "selection", "metrics_3d", "figure", "cdm_samples"]
+        return [*(c.path(name, dataset=dataset) for name in names), c.path("nifti", dataset=dataset, cam=cam)]
 
     def default_targets(self) -> list[str]:
         return self.final_targets(self.config["default_dataset"])

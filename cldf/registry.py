@@ -1,26 +1,35 @@
-"""The method registry: every per-slice map and every segmentation method, registered once.
+"""The method registry: every per-slice map and every row of the comparison table, registered once.
 
 A **map** is computed slice by slice by a shard job (``cldf map``) from one trained network and cached as
 a store (:class:`MapMethod`): the diffusion features, the mean-gradient map, the CAM classifier's
-probabilities, the CDM saliency and each CAM method. A map with a ``label`` is also a baseline row of the
-comparison table (its masks: per-slice Otsu inside the body). A **segmenter** is a row of the table that
-is not a thresholded map (:class:`Segmenter`): CLDF and its selection ablations, the fully supervised
-upper bound.
+probabilities, the CDM saliency and each CAM method. A map with a ``label`` is also a thresholded
+baseline row of the table (its masks: the map above the threshold chosen on validation, inside the body).
+The other rows are **segmenters** (:class:`Segmenter`): the one-channel intensity threshold, CLDF and its
+selection ablations, the fully supervised upper bound.
 
-Rules, CLI choices, the schema's enum of CAM methods (:func:`cldf.config.validate_config` fills it in)
-and table rows all derive from here. Adding a CAM method = one :class:`MapMethod` entry, its function
-(``fn(model, batch, settings) -> {"maps": (B, H, W)}``, see :mod:`cldf.maps.run`) and its test.
+Rules, CLI choices, the schema's enum of CAM methods (:func:`cldf.config.validate_config` fills it in),
+table rows and their labels all derive from here. Adding a CAM method = one :class:`MapMethod` entry, its
+function (``fn(model, batch, settings) -> {"maps": (B, H, W)}``, see :mod:`cldf.maps.run`) and its test.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Callable
-
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 MODEL_KINDS = ("cdm", "noisy_classifier", "cam_classifier", "fsl_unet")
 """The networks the pipeline trains (``cldf train --kind``; checkpoints ``models/<kind>.pt``)."""
+
+PROTOCOLS = ("labelled", "unlabelled")
+"""``labelled``: the test slices' image-level labels are known (the paper's protocol); ``unlabelled``:
+nothing about a test slice is known (no label read, CDM conditioning and gate chosen on validation)."""
+
+ROWS = ("all", "val+test", "evaluation", "decoder")
+"""Which slices a map is computed for: every slice; validation and test slices; the positive validation
+slices (on which its threshold is chosen) and the test slices; the decoder's training slices (capped) and
+the validation slices (:func:`cldf.data.splits.feature_rows`). A CAM that CLDF starts from is computed for
+every slice (its selection reads the training slices), any other CAM for ``evaluation`` only."""
 
 
 @dataclass(frozen=True)
@@ -30,21 +39,24 @@ class MapMethod:
     Attributes
     ----------
     name
-        Id in config, CLI and paths (a CAM's store is ``cams/<name>``).
+        Id in config, CLI, paths and ``metrics.csv``.
     label
-        Row label of its thresholded masks in the comparison table; ``None``: not a table row.
+        Row label in printed tables when its thresholded masks are a baseline row; ``None``: no row.
     family
-        ``cam`` (a CAM method of the CAM classifier), ``map`` (another saliency map), ``features`` or
-        ``probs``.
+        ``cam`` (a CAM of the CAM classifier), ``map`` (another saliency map), ``features`` or ``probs``.
     model
         The trained network it reads (a model kind).
     function
         ``"module:function"``; the function maps ``(model, batch, settings)`` to arrays of the batch.
-    section, keys
-        Config section of its settings and the keys of that section it depends on (``None``: all), so a
-        change of another key does not re-run it.
-    splits
-        Splits it is computed for (``None``: every slice).
+    settings
+        Dotted config keys it depends on (``cams.batch_size``); a change of any other key does not re-run it.
+    rows
+        One of :data:`ROWS`.
+    per_layer
+        The map is stored per target layer (``layers`` (L, H, W)); which layers are fused (element-wise
+        max) is chosen on validation (``choices.layercam_layers``) and written to the final ``cams/<name>``.
+    paper
+        Dice reported in the paper per dataset family (``brats``, ``flare``), where it reports one.
     """
 
     name: str
@@ -52,13 +64,21 @@ class MapMethod:
     family: str
     model: str
     function: str
-    section: str
-    keys: tuple[str, ...] | None = None
-    splits: tuple[str, ...] | None = None
+    settings: tuple[str, ...]
+    rows: str = "all"
+    per_layer: bool = False
+    paper: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def store(self) -> str:
-        """The map's name in artifact paths (``map`` wildcard of the catalogue)."""
+        """The map's name in artifact paths as computed (``map`` wildcard of the catalogue)."""
+        if self.family != "cam":
+            return self.name
+        return f"cams/{self.name}_layers" if self.per_layer else f"cams/{self.name}"
+
+    @property
+    def final_store(self) -> str:
+        """The store the rest of the pipeline reads (the fused one for a per-layer CAM)."""
         return f"cams/{self.name}" if self.family == "cam" else self.name
 
     def load(self) -> Callable[..., dict[str, Any]]:
@@ -67,23 +87,26 @@ class MapMethod:
         return getattr(importlib.import_module(module), attr)
 
 
+_CAM_NET = "cam_classifier"
 MAPS: dict[str, MapMethod] = {
     m.name: m
     for m in [
-        MapMethod("features", None, "features", "cdm", "cldf.maps.features:features_map", "features"),
-        MapMethod("mean_gradient", "MG", "map", "noisy_classifier", "cldf.maps.gradients:gradient_map", "gradient"),
-        MapMethod("classifier_probs", None, "probs", "cam_classifier", "cldf.maps.cams:probability_map", "cams",
-                  ("batch_size",)),
-        MapMethod("saliency", "CDM saliency", "map", "cdm", "cldf.maps.saliency:saliency_map", "saliency",
-                  splits=("test",)),
-        MapMethod("gradcam", "GradCAM", "cam", "cam_classifier", "cldf.maps.cams:gradcam", "cams",
-                  ("layers", "batch_size")),
-        MapMethod("gradcampp", "GradCAM++", "cam", "cam_classifier", "cldf.maps.cams:gradcampp", "cams",
-                  ("layers", "batch_size")),
-        MapMethod("scorecam", "ScoreCAM", "cam", "cam_classifier", "cldf.maps.cams:scorecam", "cams",
-                  ("layers", "scorecam_channels", "batch_size")),
-        MapMethod("layercam", "LayerCAM", "cam", "cam_classifier", "cldf.maps.cams:layercam", "cams",
-                  ("layercam_layers", "batch_size")),
+        MapMethod("features", None, "features", "cdm", "cldf.maps.features:features_map",
+                  ("features.timesteps", "features.layers", "features.batch_size", "features.max_train_slices"),
+                  rows="decoder"),
+        MapMethod("mean_gradient", "MG", "map", "noisy_classifier", "cldf.maps.gradients:gradient_map",
+                  ("gradient.timesteps", "gradient.reduce", "gradient.batch_size")),
+        MapMethod("classifier_probs", None, "probs", _CAM_NET, "cldf.maps.cams:probability_map", ("cams.batch_size",),
+                  rows="val+test"),
+        MapMethod("cdm_saliency", "CDM saliency", "map", "cdm", "cldf.maps.saliency:saliency_map",
+                  ("saliency.noise_level", "saliency.ddim_steps", "saliency.batch_size"), rows="evaluation"),
+        MapMethod("gradcam", "GradCAM", "cam", _CAM_NET, "cldf.maps.cams:gradcam", ("cams.layers", "cams.batch_size")),
+        MapMethod("gradcampp", "GradCAM++", "cam", _CAM_NET, "cldf.maps.cams:gradcampp",
+                  ("cams.layers", "cams.batch_size")),
+        MapMethod("scorecam", "ScoreCAM", "cam", _CAM_NET, "cldf.maps.cams:scorecam",
+                  ("cams.layers", "cams.scorecam_channels", "cams.batch_size")),
+        MapMethod("layercam", "LayerCAM", "cam", _CAM_NET, "cldf.maps.cams:layercam_layers",
+                  ("choices.layercam_layers", "cams.batch_size"), per_layer=True),
     ]
 }
 
@@ -94,18 +117,24 @@ def cam_methods() -> list[str]:
 
 
 def map_by_store(store: str) -> MapMethod:
-    """The map whose artifact name is ``store`` (``features``, ``cams/gradcam``, ...)."""
+    """The map whose computed store is ``store`` (``features``, ``cams/gradcam``, ``cams/layercam_layers``)."""
     for method in MAPS.values():
         if method.store == store:
             return method
     raise KeyError(f"no registered map is stored as {store!r}")
 
 
-def map_settings(config: dict[str, Any], method: MapMethod) -> dict[str, Any]:
-    """The settings a map depends on, from its config section."""
-    section = config[method.section]
-    keys = method.keys if method.keys is not None else tuple(section)
-    return {k: section[k] for k in keys}
+def config_value(config: Mapping[str, Any], dotted: str) -> Any:
+    """The value of a dotted config key (``cams.batch_size``)."""
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def map_settings(config: Mapping[str, Any], method: MapMethod) -> dict[str, Any]:
+    """The settings a map depends on: ``{leaf key: value}`` of its dotted config keys."""
+    return {key.rsplit(".", 1)[-1]: config_value(config, key) for key in method.settings}
 
 
 SELECTION_MAPS = {"fused": ("cam", "mg"), "cam": ("cam",), "mg": ("mg",)}
@@ -116,13 +145,17 @@ SELECTION_MAPS = {"fused": ("cam", "mg"), "cam": ("cam",), "mg": ("mg",)}
 class Segmenter:
     """A table row that is not a thresholded map.
 
-    ``selection`` is the pixel-selection mode of its CLDF decoder (``fused``, ``cam``, ``mg``), or ``None``
-    for the fully supervised UNet; ``label`` may hold ``{cam}``, the label of the CAM CLDF starts from.
+    ``selection`` is the pixel-selection mode of a CLDF decoder (:data:`SELECTION_MAPS`), or ``None``;
+    ``label`` may hold ``{cam}``, the label of the CAM the row starts from; ``gated``: under the unlabelled
+    protocol its masks of slices the classifier calls negative are emptied (every row but the fully
+    supervised UNet, which needs no classifier).
     """
 
     name: str
     label: str
-    selection: str | None
+    selection: str | None = None
+    gated: bool = True
+    paper: Mapping[str, float] = field(default_factory=dict)
 
     @property
     def uses_cam(self) -> bool:
@@ -132,9 +165,27 @@ class Segmenter:
 SEGMENTERS: dict[str, Segmenter] = {
     s.name: s
     for s in [
-        Segmenter("cldf", "CLDF", "fused"),
+        Segmenter("intensity", "Intensity threshold (one channel)"),
+        Segmenter("CLDF", "CLDF", "fused", paper={"brats": 0.880}),
         Segmenter("cam_cl", "{cam}+CL", "cam"),
         Segmenter("mg_cl", "MG+CL", "mg"),
-        Segmenter("fsl_unet", "FSL UNet (upper bound)", None),
+        Segmenter("fsl_unet", "FSL UNet (upper bound)", gated=False),
     ]
 }
+DECODERS = {s.selection: s.name for s in SEGMENTERS.values() if s.selection}
+"""Selection mode → the segmenter whose decoder uses it."""
+
+
+def label_of(method: str, cam: str = "") -> str:
+    """Printed label of a row of ``metrics.csv`` (``method``, ``cam``)."""
+    if method in MAPS:
+        return str(MAPS[method].label)
+    cam_label = MAPS[cam].label if cam in MAPS else cam
+    text = SEGMENTERS[method].label.format(cam=cam_label)
+    return f"{text} ({cam_label})" if method == "CLDF" and cam else text
+
+
+def paper_dice(method: str, family: str) -> float | None:
+    """The paper's Dice for a row, where it reports one."""
+    entry = MAPS.get(method) or SEGMENTERS.get(method)
+    return None if entry is None else entry.paper.get(family)

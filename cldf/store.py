@@ -6,19 +6,24 @@ that later steps would trust.
 
 Layouts
 -------
-``slices.zarr``
+``slices.zarr`` (the slice store)
     ``images`` float16 (N, C, H, W), ``body`` uint8 (N, H, W) (brain/body mask computed from the image),
     ``labels`` int8 (N,) (1 positive, 0 negative, -1 ambiguous), ``case_index`` int32 (N,),
     ``slice_index`` int32 (N,), ``split`` uint8 (N,) (codes of :data:`SPLITS`), ``slice_ids`` int64 (N,),
     ``body_fraction`` float32 (N,), and, in the sub-group ``ground_truth``, ``masks`` uint8 (N, H, W) and
-    ``target_fraction`` float32 (N,). Attributes: ``case_ids`` (every case, in order; ``case_index``
-    points here), ``cases`` (per-case geometry, same order; skipped cases carry ``skipped``),
-    ``modalities``, ``image_size``, ``dataset``.
+    ``target_fraction`` float32 (N,) of the training and validation slices (test rows hold zeros and
+    :func:`read_ground_truth` refuses them). Attributes: ``case_ids`` (every case, in order;
+    ``case_index`` points here), ``cases`` (per-case geometry, same order; skipped cases carry
+    ``skipped``), ``modalities``, ``image_size``, ``dataset``.
+``test_truth.zarr`` (the test truth)
+    ``slice_ids`` int64 (M,) of the test slices, ``masks`` uint8 (M, H, W), ``target_fraction`` float32 (M,)
+    and ``labels`` int8 (M,) derived from them. Only evaluation takes it as input (:func:`read_test_truth`).
 map stores (``features.zarr``, ``mean_gradient.zarr``, ``cams/{cam}.zarr``, ``masks.zarr`` ...)
     ``slice_ids`` int64 (N,) (global rows of ``slices.zarr``) plus one or more arrays whose first axis is N.
 
-Ground-truth masks are deliberately not reachable through :class:`SliceStore`; only
-:func:`read_ground_truth` reads them, and only evaluation and the fully supervised upper bound call it.
+Ground-truth masks are deliberately not reachable through :class:`SliceStore`: :func:`read_ground_truth`
+reads those of training and validation slices (the fully supervised upper bound, and the choices made on
+validation), :class:`TestTruth` those of the test slices (evaluation only).
 """
 
 from __future__ import annotations
@@ -252,8 +257,37 @@ def _take_rows(array: zarr.Array, idx: Sequence[int] | np.ndarray) -> np.ndarray
 
 
 def read_ground_truth(path: str | os.PathLike, idx: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Ground-truth target masks of rows ``idx``: uint8 (B, H, W). For evaluation and the FSL bound only."""
-    return _take_rows(open_store(path)[f"{GROUND_TRUTH}/masks"], idx)
+    """Ground-truth target masks of training or validation rows ``idx``: uint8 (B, H, W).
+
+    For the fully supervised upper bound and the choices made on validation only. Test rows are refused:
+    their masks live in the test truth (:class:`TestTruth`), which only evaluation reads.
+    """
+    group = open_store(path)
+    idx = np.asarray(idx, dtype=np.int64)
+    if np.any(np.asarray(group["split"][:])[idx] == SPLITS.index("test")):
+        raise StoreError(f"{path}: test masks are not in the slice store; only evaluation reads the test truth")
+    return _take_rows(group[f"{GROUND_TRUTH}/masks"], idx)
+
+
+class TestTruth:
+    """The test slices' ground truth (``test_truth.zarr``): for evaluation only.
+
+    ``slice_ids`` int64 (M,), ``labels`` int8 (M,) (1 positive, 0 negative, -1 ambiguous, from the masks).
+    """
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._store = MapStore(path)
+        self.slice_ids = self._store.slice_ids
+        self.labels = np.asarray(self._store.read("labels", self.slice_ids), dtype=np.int8)
+
+    def masks(self, slice_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """bool (B, H, W) target masks of the given test slices, in that order."""
+        return self._store.read("masks", slice_ids).astype(bool)
+
+    def label_of(self, slice_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        return self.labels[self._store.rows_of(slice_ids)]
 
 
 class MapStore:

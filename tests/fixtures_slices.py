@@ -52,6 +52,17 @@ def write_slice_store(
     return path
 
 
+def write_test_truth(slices_path: Path, out: Path) -> Path:
+    """The test truth of a slice store written by :func:`write_slice_store` (masks of its test rows)."""
+    import zarr
+
+    group = zarr.open_group(str(slices_path), mode="r")
+    test = np.flatnonzero(np.asarray(group["split"][:]) == SPLITS.index("test"))
+    masks = np.asarray(group[f"{GROUND_TRUTH}/masks"][:])[test]
+    return write_map_store(out, test, masks=masks.astype(np.uint8), labels=np.asarray(group["labels"][:])[test],
+                           target_fraction=masks.reshape(len(test), -1).mean(1).astype(np.float32))
+
+
 def write_map_store(path: Path, ids: np.ndarray, attrs: dict | None = None, **arrays: np.ndarray) -> Path:
     """A row-aligned map store: ``slice_ids`` plus the given arrays (first axis = len(ids))."""
     specs = {"slice_ids": ((), np.int64), **{k: (v.shape[1:], v.dtype) for k, v in arrays.items()}}

@@ -221,8 +221,8 @@ def every_training_case_skipped(work: Path) -> str:
                           "0,1", "--out", "shard"], cwd=work, capture_output=True, text=True, env=ENV)
     assert res.returncode == 0, res.stderr
     split = json.dumps({"val_fraction": 0.0, "test_fraction": 0.5, "seed": 0})
-    return _cldf(work, "slices-gather", "--shards", "shard", "--out", "slices", "--manifest", "slices.csv",
-                 "--skipped", "skipped_cases.csv", "--split", split)
+    return _cldf(work, "slices-gather", "--shards", "shard", "--out", "slices", "--test-truth", "test_truth",
+                 "--manifest", "slices.csv", "--skipped", "skipped_cases.csv", "--split", split)
 
 
 def phantom_root_is_a_user_folder(work: Path) -> str:
@@ -251,10 +251,8 @@ def checkpoint_from_another_preset(work: Path) -> str:
 
 def truncated_checkpoint(work: Path) -> str:
     make_slices(work / "slices", n_cases=2, slices_per_case=4, size=16)
-    (work / "decoder.pt").write_bytes(b"PK\x03\x04" + b"\0" * 64)
-    settings = json.dumps({"k": 2, "inside_body": True, "empty_if_classifier_negative": False})
-    return _cldf(work, "segment", "--slices", "slices", "--features", "features", "--decoder",
-                 "decoder.pt", "--settings", settings, "--cases", "0", "--out", "masks")
+    (work / "cdm.pt").write_bytes(b"PK\x03\x04" + b"\0" * 64)  # a zip header, then nothing: a cut-off download
+    return _cldf(work, "map", *_features_args("cdm.pt"))
 
 
 def missing_upstream_artifact(work: Path) -> str:

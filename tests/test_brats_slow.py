@@ -27,7 +27,7 @@ def brats_slices(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) ->
     ds["split"] = {"val_fraction": 0, "test_fraction": 0, "seed": 0, "val_cases": [cases[-1]], "test_cases": []}
     tmp = tmp_path_factory.mktemp("brats")
     build_shard(ds, cases, cases, tmp / "shard")
-    gather([tmp / "shard"], tmp / "slices", tmp / "slices.csv", tmp / "skipped.csv", ds["split"])
+    gather([tmp / "shard"], tmp / "slices", tmp / "truth", tmp / "slices.csv", tmp / "skipped.csv", ds["split"])
     return tmp / "slices"
 
 

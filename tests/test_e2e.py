@@ -8,7 +8,10 @@ of the method is asserted on the full demo (`tests/test_pipeline.py`, `make test
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -17,14 +20,17 @@ import pandas as pd
 import pytest
 import yaml
 
+import zarr
+
 from cldf.catalogue import Catalogue
 from cldf.config import DEFAULT_CONFIG, deep_merge
+from cldf.evaluate.table import TABLE_COLUMNS
 from cldf.io.layouts import case_files
+from cldf.maps.run import map_rows
 from cldf.plan import Plan
-from cldf.registry import MAPS
-from cldf.store import MapStore, SliceStore
+from cldf.store import SPLITS, MapStore, SliceStore
 
-from .workflow_utils import TEST_CONFIG, planned_jobs, run_snakemake
+from .workflow_utils import TEST_CONFIG, planned_jobs, planned_wildcards, run_snakemake
 
 CONFIG = deep_merge(yaml.safe_load(DEFAULT_CONFIG.read_text()), yaml.safe_load(TEST_CONFIG.read_text()))
 CAT = Catalogue(CONFIG["results_dir"])
@@ -51,28 +57,77 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return work
 
 
-def test_table_has_every_registered_row(work: Path) -> None:
-    table = pd.read_csv(_path(work, "metrics"))
-    assert list(table.columns) == ["method", "cam", "n_slices", "dice_mean", "dice_std", "iou_mean", "iou_std",
-                                   "hd95_mean", "hd95_std", "fp_rate_neg"]
-    assert set(table.method) == set(Plan(CONFIG).table_rows(DS))
-    assert {"CLDF", "LayerCAM+CL", "MG+CL", "FSL UNet (upper bound)", "GradCAM++"} <= set(table.method)
-    assert table.n_slices.nunique() == 1 and table.n_slices.iloc[0] > 0
-    assert table.dice_mean.between(0, 1).all() and (table.hd95_mean >= 0).all()
-    per_slice = pd.read_csv(_path(work, "metrics_per_slice"))
-    assert set(per_slice.method) == set(table.method)
+def test_table_has_every_registered_row_under_both_protocols(work: Path) -> None:
+    table = pd.read_csv(_path(work, "metrics"), keep_default_na=False)
+    assert tuple(table.columns) == TABLE_COLUMNS
+    rows = Plan(CONFIG).rows(DS)
+    assert [tuple(r) for r in table[["protocol", "method", "cam"]].to_numpy()] == [
+        (r["protocol"], r["method"], r["cam"]) for r in rows]
+    assert {"CLDF", "cam_cl", "mg_cl", "fsl_unet", "intensity", "gradcampp", "cdm_saliency"} <= set(table.method)
+    assert set(table.protocol) == {"labelled", "unlabelled"}
+    numbers = table.replace("", np.nan)
+    assert numbers.dice_mean.astype(float).between(0, 1).all() and (numbers.n_cases.astype(int) >= 1).all()
+    ci = numbers[["dice_ci_low", "dice_mean", "dice_ci_high"]].astype(float)
+    assert ((ci.dice_ci_low <= ci.dice_mean + 1e-12) & (ci.dice_mean <= ci.dice_ci_high + 1e-12)).all()
+    unlabelled = numbers[numbers.protocol == "unlabelled"]
+    gated = unlabelled[unlabelled.method != "fsl_unet"]
+    assert gated.gate_sensitivity.astype(float).notna().all() and gated.fp_rate_neg.astype(float).notna().all()
+    assert numbers[numbers.protocol == "labelled"].fp_rate_neg.isna().all()
+    per_case = pd.read_csv(_path(work, "metrics_per_case"), keep_default_na=False)
+    assert set(zip(per_case.protocol, per_case.method)) == set(zip(table.protocol, table.method))
+    differences = pd.read_csv(_path(work, "differences"), keep_default_na=False)
+    assert len(differences) == len(table) - 2 and set(differences.method) == {"CLDF"}
+    volumes = pd.read_csv(_path(work, "metrics_3d"), keep_default_na=False)
+    test_cases = {c["id"] for c in SliceStore(_path(work, "slices")).cases if c.get("split") == "test"}
+    assert set(volumes.case) == test_cases and len(volumes) == len(table) * len(test_cases)
+    assert volumes.dice_3d.between(0, 1).all() and (volumes.hd95_mm >= 0).all()
 
 
-def test_cached_maps_have_one_entry_per_slice(work: Path) -> None:
+def test_every_choice_is_recorded_with_its_grid(work: Path) -> None:
+    selection = pd.read_csv(_path(work, "selection"), dtype={"value": str})
+    assert list(selection.columns) == ["choice", "value", "val_dice", "chosen"]
+    grids = CONFIG["choices"]
+    counts = selection.groupby("choice").size().to_dict()
+    for method in Plan(CONFIG).baseline_maps():
+        assert counts[f"threshold:{method.name}"] == len(grids["threshold"])
+    assert counts["layers:layercam"] == len(grids["layercam_layers"])
+    assert counts["intensity"] == 2 * 4  # 4 modalities, bright or dark
+    assert counts["decoder"] == len(grids["quantile"]) * len(grids["optimizer"])
+    assert counts["conditioning"] == len(grids["conditioning"]) and counts["gate"] == len(grids["gate"])
+    assert (selection.groupby("choice").chosen.sum() == 1).all()
+    for choice, frame in selection.groupby("choice"):
+        assert frame.val_dice.max() == frame[frame.chosen].val_dice.iloc[0], choice
+
+
+def test_cached_maps_cover_the_slices_they_are_registered_for(work: Path) -> None:
     slices = SliceStore(_path(work, "slices"))
-    for method in MAPS.values():
-        if method.family == "cam" and method.name not in CONFIG["cams"]["methods"]:
-            continue
+    for method in Plan(CONFIG).maps():
         store = MapStore(_path(work, "map", map=method.store))
-        expected = slices.indices(split=None if method.splits is None else list(method.splits))
+        settings = Plan(CONFIG).map_settings(method.store)
+        expected = map_rows(slices, method, list(range(len(slices.cases))), settings, CONFIG["seed"])
         assert np.array_equal(store.slice_ids, expected), method.name
         for name, array in store.group.arrays():
             assert np.isfinite(np.asarray(array[:], dtype=np.float32)).all(), f"{method.name}/{name}"
+    features = MapStore(_path(work, "map", map="features"))
+    assert not np.isin(features.slice_ids, slices.indices(split="test")).any()  # computed on the fly instead
+
+
+def test_test_masks_reach_evaluation_only(work: Path) -> None:
+    """In a fresh plan, the test truth is an input of the evaluation rules and of nothing else."""
+    fresh = work / "fresh"
+    fresh.mkdir(exist_ok=True)
+    res = run_snakemake(_config(fresh), ["-n", "-p"], quiet=False)
+    truth = CAT.path("test_truth", dataset=DS)
+    rules, rule = set(), None
+    for line in res.stdout.splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+        elif line.strip().startswith("input:") and truth in line:
+            rules.add(rule)
+    assert rules == {"metrics", "figure"}
+    package = Path(__file__).resolve().parent.parent / "cldf"
+    users = {p.relative_to(package).parts[0] for p in package.rglob("*.py") if "TestTruth" in p.read_text()}
+    assert users == {"evaluate", "store.py"}
 
 
 def test_nifti_masks_are_in_the_original_geometry(work: Path) -> None:
@@ -97,13 +152,18 @@ def test_every_job_logged_and_nothing_half_written_left(work: Path) -> None:
 
 
 def test_switching_the_cam_reuses_models_features_and_gradients(work: Path) -> None:
-    jobs = planned_jobs(_config(work, {"cldf": {"cam": "gradcam"}}))
+    """Only the two CAMs whose rows change (the new one is now needed for every slice, the old one for its
+    evaluation rows only) are recomputed; features, gradients, probabilities and saliency are kept."""
+    config = _config(work, {"cldf": {"cam": "gradcam"}})
+    jobs = planned_jobs(config)
+    maps = planned_wildcards(config, "map_shard", "map")
     _config(work)
-    print(dict(jobs))
-    for reused in ["phantom", "slices_shard", "slices", "train_model", "map_shard", "gather_map", "cdm_samples",
-                   "fsl_masks", "baseline_masks", "decoder_mg", "segment_shard_mg", "masks_mg"]:
+    print(dict(jobs), maps)
+    assert set(maps) == {"cams/gradcam", "cams/layercam_layers"}
+    for reused in ["phantom", "slices_shard", "slices", "train_model", "cdm_samples", "fsl_masks"]:
         assert jobs.get(reused, 0) == 0, f"{reused} would re-run after switching cldf.cam"
-    for rerun in ["decoder_fused", "segment_shard_fused", "decoder_cam", "metrics", "figure", "nifti"]:
+    for rerun in ["tune_decoder", "decoder_ablation", "choose_unlabelled", "segment_shard", "selection", "metrics",
+                  "figure", "nifti"]:
         assert jobs.get(rerun, 0) >= 1, f"{rerun} should re-run after switching cldf.cam"
 
 
@@ -112,15 +172,55 @@ def test_changing_feature_timesteps_reruns_features_not_cams(work: Path) -> None
     _config(work)
     print(dict(jobs))
     n_shards = Plan(CONFIG).n_shards(DS)
-    assert jobs.get("map_shard", 0) == n_shards and jobs.get("decoder_fused", 0) == 1  # features only
-    for reused in ["train_model", "baseline_masks", "fsl_masks"]:
+    assert jobs.get("map_shard", 0) == n_shards and jobs.get("tune_decoder", 0) == 1  # features only
+    for reused in ["train_model", "baseline_masks", "fsl_masks", "choose_maps"]:
         assert jobs.get(reused, 0) == 0, f"{reused} would re-run after changing features.timesteps"
 
 
+def _cldf(workdir: Path, *args: str) -> None:
+    res = subprocess.run([sys.executable, "-m", "cldf.cli", *args, "--device", "cpu"], cwd=workdir,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_unlabelled_rows_never_read_a_test_label(work: Path, tmp_path: Path) -> None:
+    """Flip every test slice's image-level label in a copy of the slice store and re-run segmentation and
+    evaluation: the unlabelled masks and rows come out unchanged; the labelled masks change."""
+    plan, cam = Plan(CONFIG), CONFIG["cldf"]["cam"]
+    copy = tmp_path / "slices"
+    shutil.copytree(_path(work, "slices"), copy)
+    store = zarr.open_group(str(copy), mode="a")
+    test = np.asarray(store["split"][:]) == SPLITS.index("test")
+    labels = np.asarray(store["labels"][:])
+    store["labels"][:] = np.where(test, np.where(labels == 0, 1, 0), labels).astype(np.int8)
+    decoders = json.dumps({k: str(work / v) for k, v in plan.decoders(DS, cam).items()})
+    cases = ",".join(str(i) for i in range(len(SliceStore(copy).cases)))
+    for protocol in ("labelled", "unlabelled"):
+        _cldf(work, "segment", "--slices", str(copy), "--cdm", CAT.path("model", dataset=DS, model="cdm"),
+              "--decoders", decoders, "--protocol", protocol, "--choices",
+              CAT.path("unlabelled_choices", dataset=DS, cam=cam), "--probs", CAT.path("map", dataset=DS, map="classifier_probs"),
+              "--settings", json.dumps(plan.segment_settings()), "--cases", cases, "--out", str(tmp_path / protocol))
+        original, again = MapStore(_path(work, "cldf_masks", cam=cam, protocol=protocol)), MapStore(tmp_path / protocol)
+        same = all(np.array_equal(original.read(n, original.slice_ids), again.read(n, original.slice_ids))
+                   for n in ("CLDF", "cam_cl", "mg_cl"))
+        assert same == (protocol == "unlabelled"), protocol
+    rows = [{**r, "masks": str(work / r["masks"])} for r in plan.rows(DS)]
+    _cldf(work, "metrics", "--slices", str(copy), "--test-truth", CAT.path("test_truth", dataset=DS), "--probs",
+          CAT.path("map", dataset=DS, map="classifier_probs"), "--choices", CAT.path("selection", dataset=DS),
+          "--rows", json.dumps(rows), "--settings", json.dumps(plan.evaluation_settings()), "--seed", str(CONFIG["seed"]),
+          "--out", str(tmp_path / "m.csv"), "--per-slice", str(tmp_path / "s.csv"), "--per-case", str(tmp_path / "c.csv"),
+          "--differences", str(tmp_path / "d.csv"))
+    before = pd.read_csv(_path(work, "metrics"), keep_default_na=False)
+    after = pd.read_csv(tmp_path / "m.csv", keep_default_na=False)
+    assert before[before.protocol == "unlabelled"].reset_index(drop=True).equals(
+        after[after.protocol == "unlabelled"].reset_index(drop=True))
+
+
 def test_same_seed_gives_the_same_table(work: Path) -> None:
-    """Re-train the decoders, re-segment and re-evaluate: the table is byte-identical."""
-    before = _path(work, "metrics").read_text()
-    shutil.copy(_path(work, "metrics"), work / "metrics_before.csv")
-    run_snakemake(_config(work), ["--cores", "2", "--forcerun", "decoder_fused", "decoder_cam", "decoder_mg",
-                                  "baseline_masks", "--", str(CAT.path("metrics", dataset=DS))])
-    assert _path(work, "metrics").read_text() == before
+    """Re-train the decoders, re-segment and re-evaluate: the tables are byte-identical."""
+    names = ["metrics", "metrics_per_case", "differences", "selection", "metrics_3d"]
+    before = {name: _path(work, name).read_text() for name in names}
+    run_snakemake(_config(work), ["--cores", "2", "--forcerun", "tune_decoder", "decoder_ablation", "segment_shard",
+                                  "baseline_masks", "choose_maps", "--", *(CAT.path(n, dataset=DS) for n in names)])
+    for name in names:
+        assert _path(work, name).read_text() == before[name], name

@@ -11,16 +11,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import zarr
 
 import cldf.store
 from cldf.evaluate.figures import choose_rows, figure_grid, grid_size_pixels
 from cldf.evaluate.metrics import image_diagonal, slice_metrics
-from cldf.evaluate.table import PER_SLICE_COLUMNS, TABLE_COLUMNS, evaluate_methods
+from cldf.evaluate.table import TABLE_COLUMNS, bootstrap_indices, evaluate
 from cldf.segment import baselines
-from cldf.segment.baselines import POSITIVE_PROBABILITY, run_threshold_baseline, threshold_map
-from cldf.store import SliceStore, StoreError, read_ground_truth
+from cldf.segment.baselines import run_threshold_baseline, threshold_map
+from cldf.store import SliceStore, StoreError, TestTruth
 
-from .fixtures_slices import write_map_store, write_slice_store
+from .fixtures_slices import write_map_store, write_slice_store, write_test_truth
 
 SIZE = 32
 # (case split, per-slice target half-widths; 0 = no target, 1 = a 2x2 target: ambiguous)
@@ -102,59 +103,95 @@ def test_slice_metrics_rejects_mismatched_shapes() -> None:
 # ------------------------------------------------------------------------------------------- table
 
 
-def _method_stores(tmp: Path, slices_path: Path) -> dict[str, dict]:
+@pytest.fixture()
+def truth(tmp_path: Path, slices_path: Path) -> Path:
+    return write_test_truth(slices_path, tmp_path / "truth")
+
+
+def _gt(slices_path: Path, ids: np.ndarray) -> np.ndarray:
+    return np.asarray(zarr.open_group(str(slices_path), mode="r")["ground_truth/masks"][:])[ids]
+
+
+def _rows(tmp: Path, slices_path: Path) -> list[dict]:
+    test = SliceStore(slices_path).indices(split="test")
+    gt = _gt(slices_path, test)
+    stores = {"perfect": write_map_store(tmp / "perfect", test, masks=gt),
+              "empty": write_map_store(tmp / "empty", test, masks=np.zeros_like(gt)),
+              "full": write_map_store(tmp / "full", test[::-1].copy(), masks=np.ones_like(gt))}
+    return [{"protocol": p, "method": m, "cam": "layercam" if m == "empty" else "", "masks": str(path),
+             "array": "masks", "gated": m != "full"} for p in ("labelled", "unlabelled") for m, path in stores.items()]
+
+
+def _evaluate(tmp: Path, slices_path: Path, truth: Path, probs: np.ndarray, gate: float = 0.5) -> pd.DataFrame:
+    test = SliceStore(slices_path).indices(split="test")
+    probs_path = write_map_store(tmp / "probs", test, probs=probs.astype(np.float32))
+    outputs = {name: tmp / "out" / f"{name}.csv" for name in ("metrics", "per_slice", "per_case", "differences")}
+    evaluate(slices_path, truth, probs_path, gate, _rows(tmp, slices_path), {"method": "perfect", "cam": ""}, outputs,
+             500, seed=0)
+    table = pd.read_csv(outputs["metrics"], keep_default_na=False)
+    return table.replace("", np.nan).apply(lambda col: pd.to_numeric(col) if col.name in TABLE_COLUMNS[3:] else col)
+
+
+def test_table_under_both_protocols(tmp_path: Path, slices_path: Path, truth: Path) -> None:
     store = SliceStore(slices_path)
     test = store.indices(split="test")
-    gt = read_ground_truth(slices_path, test)
-    return {
-        "perfect": {"masks": write_map_store(tmp / "perfect", test, masks=gt), "cam": ""},
-        "empty": {"masks": write_map_store(tmp / "empty", test, masks=np.zeros_like(gt)), "cam": "layercam"},
-        "full": {"masks": write_map_store(tmp / "full", test[::-1].copy(), masks=np.ones_like(gt)), "cam": ""},
-    }
-
-
-def test_table_aggregation(tmp_path: Path, slices_path: Path) -> None:
-    methods = _method_stores(tmp_path, slices_path)
-    out, per = tmp_path / "out" / "metrics.csv", tmp_path / "out" / "metrics_per_slice.csv"
-    returned = evaluate_methods(slices_path, methods, out, per, batch_size=4)
-    table = pd.read_csv(out, keep_default_na=False)
+    table = _evaluate(tmp_path, slices_path, truth, np.ones(len(test)))  # the gate passes every slice
     assert list(table.columns) == list(TABLE_COLUMNS)
-    assert table["method"].tolist() == ["perfect", "empty", "full"]
-    assert table["cam"].tolist() == ["", "layercam", ""]
-    store = SliceStore(slices_path)
+    assert table[["protocol", "method"]].values.tolist() == [
+        [p, m] for p in ("labelled", "unlabelled") for m in ("perfect", "empty", "full")]
     n_pos = len(store.indices(split="test", labels=[1]))
-    assert (table["n_slices"] == n_pos).all()
-    perfect, empty, full = (table.iloc[k] for k in range(3))
-    assert (perfect["dice_mean"], perfect["iou_mean"], perfect["hd95_mean"]) == (1.0, 1.0, 0.0)
-    assert (perfect["dice_std"], perfect["fp_rate_neg"]) == (0.0, 0.0)
-    assert (empty["dice_mean"], empty["iou_mean"], empty["fp_rate_neg"]) == (0.0, 0.0, 0.0)
-    assert empty["hd95_mean"] == pytest.approx(math.hypot(SIZE, SIZE))
-    assert full["fp_rate_neg"] == 1.0
-    test = store.indices(split="test")
-    gt_area = read_ground_truth(slices_path, test).reshape(len(test), -1).sum(1)
+    assert (table.n_slices == n_pos).all() and (table.n_cases == 2).all()
+    lab = table[table.protocol == "labelled"].set_index("method")
+    assert tuple(lab.loc["perfect", ["dice_mean", "iou_mean", "hd95_mean", "dice_std"]]) == (1.0, 1.0, 0.0, 0.0)
+    assert tuple(lab.loc["perfect", ["dice_ci_low", "dice_ci_high"]]) == (1.0, 1.0)
+    assert lab.loc["empty", "dice_mean"] == 0.0 and lab.loc["empty", "hd95_mean"] == pytest.approx(math.hypot(SIZE, SIZE))
+    gt_area = _gt(slices_path, test).reshape(len(test), -1).sum(1)
     pos = store.labels[test] == 1
-    expected_dice = 2 * gt_area[pos] / (gt_area[pos] + SIZE * SIZE)
-    assert full["dice_mean"] == pytest.approx(expected_dice.mean())
-    assert full["dice_std"] == pytest.approx(expected_dice.std())
-    pd.testing.assert_frame_equal(returned, table, check_dtype=False)
-
-    rows = pd.read_csv(per)
-    assert list(rows.columns) == list(PER_SLICE_COLUMNS)
-    assert len(rows) == 3 * len(test)
-    assert set(rows["label"]) == {-1, 0, 1}  # ambiguous slices are listed
-    assert rows[rows["method"] == "full"]["slice_id"].tolist() == test.tolist()
-    assert (rows[rows["method"] == "full"]["pred_pixels"] == SIZE * SIZE).all()
-    assert rows["gt_pixels"].tolist() == np.tile(gt_area, 3).tolist()
-    assert set(rows["case"]) == {"case1", "case2"}
-    assert sorted(p.name for p in out.parent.iterdir()) == ["metrics.csv", "metrics_per_slice.csv"]
+    expected = 2 * gt_area[pos] / (gt_area[pos] + SIZE * SIZE)
+    assert lab.loc["full", "dice_mean"] == pytest.approx(expected.mean())
+    assert lab.loc["full", "dice_ci_low"] <= lab.loc["full", "dice_mean"] <= lab.loc["full", "dice_ci_high"]
+    assert lab.fp_rate_neg.isna().all() and lab.gate_sensitivity.isna().all()
+    unl = table[table.protocol == "unlabelled"].set_index("method")
+    assert unl.loc["full", "fp_rate_neg"] == 1.0 and unl.loc["perfect", "fp_rate_neg"] == 0.0
+    assert (unl.loc["perfect", "gate_sensitivity"], unl.loc["perfect", "gate_specificity"]) == (1.0, 0.0)
+    assert np.isnan(unl.loc["full", "gate_sensitivity"])  # an ungated row (like the fully supervised UNet)
 
 
-def test_table_rejects_store_missing_test_slices(tmp_path: Path, slices_path: Path) -> None:
+def test_unlabelled_gate_empties_the_slices_it_rejects(tmp_path: Path, slices_path: Path, truth: Path) -> None:
+    store = SliceStore(slices_path)
+    test = store.indices(split="test")
+    positive = store.labels[test] == 1
+    probs = np.where(positive, 0.9, 0.1)
+    probs[np.flatnonzero(positive)[0]] = 0.2  # one positive slice rejected by the gate
+    table = _evaluate(tmp_path, slices_path, truth, probs)
+    unl = table[table.protocol == "unlabelled"].set_index("method")
+    assert unl.loc["perfect", "dice_mean"] == pytest.approx((positive.sum() - 1) / positive.sum())
+    assert unl.loc["perfect", "gate_sensitivity"] == pytest.approx((positive.sum() - 1) / positive.sum())
+    assert unl.loc["perfect", "gate_specificity"] == 1.0
+    assert unl.loc["full", "dice_mean"] == table[table.protocol == "labelled"].set_index("method").loc["full", "dice_mean"]
+    differences = pd.read_csv(tmp_path / "out" / "differences.csv", keep_default_na=False)
+    assert len(differences) == 4 and set(differences.method) == {"perfect"}
+    lab_empty = differences[(differences.protocol == "labelled") & (differences.other == "empty")].iloc[0]
+    assert (lab_empty.diff_mean, lab_empty.ci_low, lab_empty.ci_high) == (1.0, 1.0, 1.0)
+    per_case = pd.read_csv(tmp_path / "out" / "per_case.csv")
+    assert set(per_case.case) == {"case1", "case2"} and len(per_case) == 2 * 6
+
+
+def test_bootstrap_interval_is_seeded_and_covers_the_case_means() -> None:
+    a, b = bootstrap_indices(5, 100, 0), bootstrap_indices(5, 100, 0)
+    assert np.array_equal(a, b) and a.shape == (100, 5) and a.max() < 5
+    assert not np.array_equal(a, bootstrap_indices(5, 100, 1))
+
+
+def test_table_rejects_store_missing_test_slices(tmp_path: Path, slices_path: Path, truth: Path) -> None:
     test = SliceStore(slices_path).indices(split="test")
     partial = write_map_store(tmp_path / "partial", test[:-2], masks=np.zeros((len(test) - 2, SIZE, SIZE), np.uint8))
-    with pytest.raises(StoreError, match="lacks 2 of"):
-        evaluate_methods(slices_path, {"p": {"masks": partial, "cam": ""}}, tmp_path / "m.csv", tmp_path / "s.csv")
-    assert not (tmp_path / "m.csv").exists()
+    probs = write_map_store(tmp_path / "probs", test, probs=np.ones(len(test), np.float32))
+    rows = [{"protocol": "labelled", "method": "p", "cam": "", "masks": str(partial), "array": "masks", "gated": True}]
+    outputs = {name: tmp_path / f"{name}.csv" for name in ("metrics", "per_slice", "per_case", "differences")}
+    with pytest.raises(StoreError, match="has no entry for slice"):
+        evaluate(slices_path, truth, probs, 0.5, rows, {"method": "p", "cam": ""}, outputs, 10, 0)
+    assert not (tmp_path / "metrics.csv").exists()
 
 
 # --------------------------------------------------------------------------------------- baselines
@@ -172,43 +209,30 @@ def test_threshold_map_on_bimodal_map() -> None:
     assert masks.dtype == bool and masks.shape == (2, SIZE, SIZE)
     np.testing.assert_array_equal(masks[0], target)
     assert not masks[1].any()
-    with pytest.raises(ValueError, match="unknown threshold rule"):
-        threshold_map(constant[None], body[None], rule="magic")
+    np.testing.assert_array_equal(threshold_map(bimodal[None], body[None], 0.5)[0], target)
+    assert threshold_map(bimodal[None], body[None], 0.05)[0].sum() == body.sum()
 
 
-def test_threshold_baseline_never_reads_ground_truth(
-    tmp_path: Path, slices_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError("baseline code read the ground truth")
-
-    monkeypatch.setattr(cldf.store, "read_ground_truth", forbidden)
-    assert "read_ground_truth" not in inspect.getsource(baselines)
-    # Remove the ground truth from the store itself: any read would fail.
-    blind = tmp_path / "blind"
+def test_threshold_baseline_never_reads_ground_truth(tmp_path: Path, slices_path: Path) -> None:
+    assert "ground_truth" not in inspect.getsource(baselines)
+    blind = tmp_path / "blind"  # the ground truth removed from the store itself: any read would fail
     shutil.copytree(slices_path, blind)
     shutil.rmtree(blind / cldf.store.GROUND_TRUTH)
-
     store = SliceStore(blind)
     ids = np.array([6, 5, 7, 12, 9], dtype=np.int64)  # global ids, deliberately unsorted
     body = store.body(ids)
     target = _square(SIZE, 10, 10, 8, 8)
     maps = np.where(target, 0.9, 0.1)[None].repeat(len(ids), 0).astype(np.float16)
     map_path = write_map_store(tmp_path / "map", ids, maps=maps)
-    probs = np.array([0.9, 0.2, POSITIVE_PROBABILITY, 0.7, 0.1], dtype=np.float32)
-    cam_path = write_map_store(tmp_path / "cam", ids, maps=maps, probs=probs)
-
-    run_threshold_baseline(blind, map_path, tmp_path / "masks", batch_size=2)
+    run_threshold_baseline(blind, map_path, tmp_path / "masks", ids[::-1], threshold=0.5, batch_size=2)
     out = cldf.store.open_store(tmp_path / "masks")
-    np.testing.assert_array_equal(out["slice_ids"][:], ids)
+    np.testing.assert_array_equal(out["slice_ids"][:], ids[::-1])
     assert out["masks"].dtype == np.uint8
     np.testing.assert_array_equal(out["masks"][:].astype(bool), target[None] & body)
-
-    run_threshold_baseline(blind, cam_path, tmp_path / "gated", slice_ids=ids[::-1], probs_path=cam_path)
-    gated = cldf.store.open_store(tmp_path / "gated")
-    np.testing.assert_array_equal(gated["slice_ids"][:], ids[::-1])
-    kept = gated["masks"][:].reshape(len(ids), -1).any(1)
-    np.testing.assert_array_equal(kept, (probs >= POSITIVE_PROBABILITY)[::-1])
+    run_threshold_baseline(blind, None, tmp_path / "dark", ids, intensity=(1, "dark"))
+    images = store.images(ids)  # channel 1 is the negated image: its dark side is the target
+    expected = threshold_map(-images[:, 1], body, "otsu")
+    np.testing.assert_array_equal(cldf.store.open_store(tmp_path / "dark")["masks"][:].astype(bool), expected)
 
 
 # ----------------------------------------------------------------------------------------- figures
@@ -221,21 +245,21 @@ def _png_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def test_figure_grid(tmp_path: Path, slices_path: Path) -> None:
+def test_figure_grid(tmp_path: Path, slices_path: Path, truth: Path) -> None:
     store = SliceStore(slices_path)
     test = store.indices(split="test")
-    gt = read_ground_truth(slices_path, test)
-    rows = choose_rows(slices_path, 4, seed=0)
+    gt = _gt(slices_path, test)
+    rows = choose_rows(slices_path, TestTruth(truth), 4, seed=0)
     assert len(rows) == 4 and set(store.case_index[rows]) == {1, 2}
     assert (store.labels[rows] == 1).all()
-    assert np.array_equal(rows, choose_rows(slices_path, 4, seed=0))
+    assert np.array_equal(rows, choose_rows(slices_path, TestTruth(truth), 4, seed=0))
     rng = np.random.default_rng(1)
     panels = {
         "CAM": write_map_store(tmp_path / "cam", test, maps=rng.random((len(test), SIZE, SIZE)).astype(np.float16)),
         "selection": write_map_store(tmp_path / "sel", test, fg=gt, bg=1 - gt),
         "MG": lambda ids: np.full((len(ids), SIZE, SIZE), 0.5, dtype=np.float32),
-        "CLDF": write_map_store(tmp_path / "cldf", test, masks=gt),
+        "CLDF": (str(write_map_store(tmp_path / "cldf", test, CLDF=gt)), "CLDF"),
     }
     out = tmp_path / "fig" / "grid.png"
-    figure_grid(slices_path, panels, out, n_rows=4)
+    figure_grid(slices_path, truth, panels, out, n_rows=4)
     assert _png_size(out) == grid_size_pixels(4, 2 + len(panels))

@@ -70,7 +70,7 @@ def test_read_flare_case(shared_data: Path) -> None:
 
 def test_synthetic_case_ids_need_no_disk() -> None:
     ds = settings("synthetic", root="/nonexistent/phantom")
-    assert list_cases(ds) == [f"Synth_{i:03d}" for i in range(12)]
+    assert list_cases(ds) == [f"Synth_{i:03d}" for i in range(ds["phantom"]["n_cases"])]
     assert list_cases({**ds, "max_cases": 2}) == ["Synth_000", "Synth_001"]
 
 
@@ -175,7 +175,7 @@ def test_case_without_positive_slice_is_valid_data(tiny: dict, tmp_path: Path) -
     small[20, 20, 5] = 1  # one voxel of tumour: an ambiguous slice, no positive one
     _rewrite(_seg(tiny, cases[1]), small)
     build_shard(tiny, cases, cases, tmp_path / "shard")
-    gather([tmp_path / "shard"], tmp_path / "slices", tmp_path / "manifest.csv", tmp_path / "skipped.csv",
+    gather([tmp_path / "shard"], tmp_path / "slices", tmp_path / "truth", tmp_path / "manifest.csv", tmp_path / "skipped.csv",
            {"val_fraction": 0.0, "test_fraction": 0.5, "seed": 0})
     from cldf.store import SliceStore
 
@@ -208,7 +208,7 @@ def test_bad_case_is_skipped_logged_and_listed(
     build_shard(ds, cases[:1], cases, tmp_path / "s0")
     assert f"skipping case {cases[0]}" in caplog.text and reason in caplog.text
     build_shard(ds, cases[1:], cases, tmp_path / "s1")
-    gather([tmp_path / "s0", tmp_path / "s1"], tmp_path / "slices", tmp_path / "manifest.csv",
+    gather([tmp_path / "s0", tmp_path / "s1"], tmp_path / "slices", tmp_path / "truth", tmp_path / "manifest.csv",
            tmp_path / "skipped.csv", {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0})
     from cldf.store import SliceStore
 
@@ -227,14 +227,14 @@ def test_split_is_drawn_from_kept_cases_and_an_empty_asked_split_stops(tiny: dic
     build_shard(ds, cases, cases, tmp_path / "s")
     split = {"val_fraction": 0.0, "test_fraction": 0.5, "seed": 0}
     with pytest.raises(DataError) as info:  # one kept case cannot fill both train and test
-        gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv", split)
+        gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "truth", tmp_path / "m.csv", tmp_path / "k.csv", split)
     message = str(info.value)
     assert "split 'test' is empty" in message and cases[0] in message and "NaN" in message and "\n" not in message
     assert not (tmp_path / "slices").exists()
     listed = {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0, "test_cases": [cases[0]]}
     with pytest.raises(DataError, match="split 'test' is empty"):
-        gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv", listed)
-    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv",
+        gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "truth", tmp_path / "m.csv", tmp_path / "k.csv", listed)
+    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "truth", tmp_path / "m.csv", tmp_path / "k.csv",
            {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0})  # a split left at 0 may be empty
 
 
@@ -245,7 +245,7 @@ def test_every_case_skipped_gives_no_store(tiny: dict, tmp_path: Path) -> None:
     ds = {**tiny, "on_bad_case": "skip"}
     build_shard(ds, cases, cases, tmp_path / "s0")
     with pytest.raises(DataError, match="every case was skipped"):
-        gather([tmp_path / "s0"], tmp_path / "slices", tmp_path / "manifest.csv", tmp_path / "k.csv",
+        gather([tmp_path / "s0"], tmp_path / "slices", tmp_path / "truth", tmp_path / "manifest.csv", tmp_path / "k.csv",
                {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0})
     assert not (tmp_path / "slices").exists() and not (tmp_path / "manifest.csv").exists()
 

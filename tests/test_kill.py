@@ -15,6 +15,8 @@ from typing import Callable
 
 import pytest
 
+from cldf.catalogue import Catalogue
+
 from .workflow_utils import REPO, SNAKEMAKE, TINY, artifact, run_snakemake, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -47,7 +49,7 @@ def _any(work: Path, pattern: str) -> Callable[[], bool]:
 
 
 def _decoder_training(work: Path) -> Callable[[], bool]:
-    log = work / "results/logs/synthetic/cldf/layercam/decoder.log"
+    log = work / Catalogue(RESULTS).log(Catalogue(RESULTS).path("tuning", dataset="synthetic", cam="layercam"))
     return lambda: log.exists() and "decoder epoch 1" in log.read_text(errors="replace")
 
 

@@ -25,7 +25,8 @@ def test_killed_feature_shard_is_never_consumed_and_rerun_matches(tmp_path: Path
     cdm = build_model("cdm", CDM, 2)
     save_checkpoint(tmp_path / "cdm.pt", {"kind": "cdm", "settings": CDM, "in_channels": 2, "image_size": 32,
                                           "state_dict": cdm.state_dict()})
-    settings = {"timesteps": [1, 10, 50, 100], "layers": ["up_blocks.0", "up_blocks.1"], "batch_size": 2}
+    settings = {"timesteps": [1, 10, 50, 100], "layers": ["up_blocks.0", "up_blocks.1"], "batch_size": 2,
+                "rows": "all", "max_train_slices": 1000}
 
     def cmd(out: Path) -> list[str]:
         return [sys.executable, "-m", "cldf.cli", "map", "--map", "features", "--slices", str(slices), "--model",

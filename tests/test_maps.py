@@ -19,10 +19,14 @@ from cldf.maps.cams import compute_cam, positive_probability
 from cldf.maps.common import feature_noise, normalise_per_slice
 from cldf.maps.features import extract_features
 from cldf.maps.gradients import mean_gradient
-from cldf.maps.run import run_map
+from cldf.maps.cams import fuse_layers
+from cldf.maps.run import fuse_store, run_map
 from cldf.maps.saliency import cdm_saliency, ddim_timesteps
 from cldf.registry import MAPS
-from cldf.store import GROUND_TRUTH, ArrayStoreWriter, MapStore, open_store
+from cldf.maps.common import Batch
+from cldf.store import GROUND_TRUTH, ArrayStoreWriter, MapStore, SliceStore, open_store
+
+from .fixtures_slices import write_map_store
 
 C, H = 2, 16
 LAYERS = ["up_blocks.0", "up_blocks.2"]
@@ -78,7 +82,7 @@ def scheduler() -> DDPMScheduler:
 
 @pytest.fixture(scope="module")
 def slices_path(tmp_path_factory) -> str:
-    """A slices of 3 cases x 4 slices (C=2, 16x16) whose ground truth is removed after writing."""
+    """A slice store of 3 cases x 4 slices (C=2, 16x16; train, val, test) whose ground truth is removed."""
     path = tmp_path_factory.mktemp("data") / "slices"
     n = 12
     rng = np.random.default_rng(0)
@@ -88,14 +92,14 @@ def slices_path(tmp_path_factory) -> str:
         "slice_ids": ((), np.int64), f"{GROUND_TRUTH}/masks": ((H, H), np.uint8),
     }
     attrs = {"dataset": "toy", "modalities": ["a", "b"], "image_size": H,
-             "cases": [{"id": f"c{i}", "split": "train"} for i in range(3)]}
+             "cases": [{"id": f"c{i}", "split": s} for i, s in enumerate(["train", "val", "test"])]}
     with ArrayStoreWriter(path, n, arrays, attrs) as w:
         w.write("images", 0, rng.uniform(-1, 1, (n, C, H, H)))
         w.write("body", 0, np.ones((n, H, H)))
         w.write("labels", 0, np.tile([1, 0, -1, 1], 3))
         w.write("case_index", 0, np.repeat(np.arange(3), 4))
         w.write("slice_index", 0, np.tile(np.arange(4), 3))
-        w.write("split", 0, np.zeros(n))
+        w.write("split", 0, np.repeat([0, 1, 2], 4))  # case 0 train, case 1 val, case 2 test
         w.write("slice_ids", 0, np.arange(n))
         w.write(f"{GROUND_TRUTH}/masks", 0, np.zeros((n, H, H)))
     shutil.rmtree(path / GROUND_TRUTH)  # method code must never need it
@@ -278,28 +282,30 @@ def test_cdm_saliency_range_determinism_and_batch_invariance(scheduler):
 
 
 def test_run_features_shards_batches_and_empty(slices_path, tmp_path):
+    """The features are cached for the decoder's slices only: training and validation slices labelled 0 or 1
+    (slices 0-3 train, 4-7 val, 8-11 test; every fourth slice from the third on is ambiguous)."""
     cdm, dev = _cdm(), torch.device("cpu")
-    settings = {"timesteps": [1, 50], "layers": LAYERS, "batch_size": 4}
+    settings = {"timesteps": [1, 50], "layers": LAYERS, "batch_size": 4, "max_train_slices": 100}
     features = MAPS["features"]
     run_map(slices_path, features, cdm, settings, [0, 1, 2], tmp_path / "all", dev, seed=3)
     run_map(slices_path, features, cdm, {**settings, "batch_size": 1}, [2, 0], tmp_path / "a", dev, seed=3)
     run_map(slices_path, features, cdm, settings, [], tmp_path / "empty", dev, seed=3)
     full, part = open_store(tmp_path / "all"), MapStore(tmp_path / "a")
-    assert full["slice_ids"][:].tolist() == list(range(12))
-    assert part.slice_ids.tolist() == [0, 1, 2, 3, 8, 9, 10, 11]
-    assert full["layer_0"].dtype == np.float16 and full["layer_0"].shape == (12, 16, H // 2, H // 2)
-    assert full["layer_1"].shape == (12, 8, H, H)
+    assert full["slice_ids"][:].tolist() == [0, 1, 3, 4, 5, 7]
+    assert part.slice_ids.tolist() == [0, 1, 3]
+    assert full["layer_0"].dtype == np.float16 and full["layer_0"].shape == (6, 16, H // 2, H // 2)
+    assert full["layer_1"].shape == (6, 8, H, H)
     assert full.attrs["map"] == "features" and full.attrs["settings"] == settings and full.attrs["image_size"] == H
     assert full.attrs["shapes"] == {"layer_0": [16, H // 2, H // 2], "layer_1": [8, H, H]}
+    whole = MapStore(tmp_path / "all")
     for k in range(2):
-        np.testing.assert_allclose(part.read(f"layer_{k}", [8, 1]).astype(np.float32),
-                                   full[f"layer_{k}"][[8, 1]].astype(np.float32), atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(part.read(f"layer_{k}", [3, 1]).astype(np.float32),
+                                   whole.read(f"layer_{k}", [3, 1]).astype(np.float32), atol=2e-3, rtol=2e-3)
         assert np.isfinite(full[f"layer_{k}"][:].astype(np.float32)).all()
     empty = open_store(tmp_path / "empty")
     assert empty["slice_ids"].shape == (0,) and empty["layer_1"].shape == (0, 8, H, H)
-    run_map(slices_path, features, cdm, settings, [1], tmp_path / "again", dev, seed=3)
-    again = open_store(tmp_path / "again")
-    assert np.array_equal(again["layer_0"][:], full["layer_0"][4:8])
+    run_map(slices_path, features, cdm, {**settings, "max_train_slices": 2}, [0, 1, 2], tmp_path / "cap", dev, seed=3)
+    assert len(MapStore(tmp_path / "cap").slice_ids) == 2 + 3  # a seeded sample of 2 training slices, the val ones
 
 
 def test_run_gradient_cam_saliency_stores(slices_path, tmp_path):
@@ -310,15 +316,17 @@ def test_run_gradient_cam_saliency_stores(slices_path, tmp_path):
     assert mg["slice_ids"][:].tolist() == list(range(4, 12))
     assert mg["maps"].dtype == np.float16 and mg["maps"].shape == (8, H, H)
     assert 0 <= mg["maps"][:].min() and mg["maps"][:].max() <= 1
-    cam_settings = {"layers": ["layer4"], "layercam_layers": ["layer3", "layer4"], "batch_size": 5}
+    cam_settings = {"layers": ["layer4"], "layercam_layers": [["layer3", "layer4"], ["layer2"]], "batch_size": 5}
     model = _freeze(_resnet())
     run_map(slices_path, MAPS["layercam"], model, cam_settings, [0, 1, 2], tmp_path / "cam", dev, seed=0)
     cam = open_store(tmp_path / "cam")
-    assert cam["maps"].shape == (12, H, H) and sorted(cam.array_keys()) == ["maps", "slice_ids"]
-    assert cam.attrs["settings"]["layercam_layers"] == ["layer3", "layer4"]
-    expected = compute_cam("layercam", model, torch.from_numpy(np.asarray(
-        zarr.open_group(slices_path, mode="r")["images"][:], dtype=np.float32)), ["layer3", "layer4"])
-    np.testing.assert_allclose(cam["maps"][:].astype(np.float32), expected.numpy(), atol=1e-3)
+    assert cam["layers"].shape == (12, 3, H, H) and sorted(cam.array_keys()) == ["layers", "slice_ids"]
+    images = torch.from_numpy(np.asarray(zarr.open_group(slices_path, mode="r")["images"][:], dtype=np.float32))
+    fused = fuse_layers(cam["layers"][:].astype(np.float32), ["layer3", "layer4", "layer2"], ["layer3", "layer4"])
+    np.testing.assert_allclose(fused, compute_cam("layercam", model, images, ["layer3", "layer4"]).numpy(), atol=1e-3)
+    fuse_store(tmp_path / "cam", ["layer3", "layer4", "layer2"], ["layer2"], tmp_path / "fused")
+    np.testing.assert_allclose(open_store(tmp_path / "fused")["maps"][:].astype(np.float32),
+                               compute_cam("layercam", model, images, ["layer2"]).numpy(), atol=1e-3)
     run_map(slices_path, MAPS["gradcam"], model, cam_settings, [], tmp_path / "cam0", dev, seed=0)
     assert open_store(tmp_path / "cam0")["maps"].shape == (0, H, H)
     run_map(slices_path, MAPS["classifier_probs"], model, {"batch_size": 5}, [1, 2], tmp_path / "probs", dev, 0)
@@ -327,21 +335,22 @@ def test_run_gradient_cam_saliency_stores(slices_path, tmp_path):
     assert probs["slice_ids"][:].tolist() == list(range(4, 12)) and probs["probs"].dtype == np.float32
     np.testing.assert_allclose(probs["probs"][:], F.softmax(model(images), dim=1)[:, 1].detach().numpy(), atol=1e-5)
     torch.testing.assert_close(positive_probability(model, images), F.softmax(model(images), dim=1)[:, 1].detach())
-    run_map(slices_path, MAPS["saliency"], _cdm(), {"noise_level": 50, "ddim_steps": 2, "batch_size": 4}, [0],
+    run_map(slices_path, MAPS["cdm_saliency"], _cdm(), {"noise_level": 50, "ddim_steps": 2, "batch_size": 4}, [0, 2],
             tmp_path / "sal", dev, seed=0)
-    sal = open_store(tmp_path / "sal")  # the saliency baseline covers the test split only: none here
-    assert sal["maps"].shape == (0, H, H)
+    sal = open_store(tmp_path / "sal")  # the saliency baseline covers the validation and test slices only
+    assert sal["slice_ids"][:].tolist() == list(range(8, 12)) and np.isfinite(sal["maps"][:].astype(np.float32)).all()
 
 
 def test_every_registered_cam_runs_through_the_shard_step(slices_path, tmp_path):
-    settings = {"layers": ["layer4"], "layercam_layers": ["layer3", "layer4"], "scorecam_channels": 4, "batch_size": 6}
+    settings = {"layers": ["layer4"], "layercam_layers": [["layer3", "layer4"]], "scorecam_channels": 4, "batch_size": 6}
     model = _freeze(_resnet())
     cams = [m for m in MAPS.values() if m.family == "cam"]
     assert len(cams) >= 4
     for method in cams:
         run_map(slices_path, method, model, settings, [0, 1], tmp_path / f"{method.name}", torch.device("cpu"), 0)
-        maps = open_store(tmp_path / f"{method.name}")["maps"][:].astype(np.float32)
-        assert maps.shape == (8, H, H) and maps.min() >= 0 and maps.max() <= 1 and maps.max() > 0, method.name
+        maps = open_store(tmp_path / f"{method.name}")["layers" if method.per_layer else "maps"][:].astype(np.float32)
+        assert maps.shape[0] == 8 and maps.shape[-2:] == (H, H), method.name
+        assert maps.min() >= 0 and maps.max() <= 1 and maps.max() > 0, method.name
 
 
 # ---------------------------------------------------------------- real check: maps find the object
@@ -409,3 +418,34 @@ def test_real_mean_gradient_localises_the_object():
     maps = mean_gradient(clf, scheduler, x[pos], ts, "mean_abs", feature_noise(range(int(pos.sum())), len(ts), (1, S, S), 0))
     inside, outside = _inside_outside(maps, disc[pos])
     assert inside > 2 * outside, (inside, outside)
+
+
+def test_features_computed_on_the_fly_equal_the_stored_ones(slices_path, tmp_path):
+    """Segmentation computes features as it goes; under label conditioning they equal the cached ones, and
+    the null-class and predicted conditionings never read a label."""
+    from cldf.segment.features import ComputedFeatures, StoredFeatures, upsample_features
+
+    cdm, dev = _cdm(), torch.device("cpu")
+    settings = {"timesteps": [1, 50], "layers": LAYERS, "batch_size": 4, "max_train_slices": 100}
+    ids = np.arange(12)
+    run_map(slices_path, MAPS["features"], cdm, {**settings}, [0, 1, 2], tmp_path / "f", dev, seed=3)
+    slices = SliceStore(slices_path)
+    stored = torch.cat([f for _, f in StoredFeatures(tmp_path / "f", H, dev).batches(ids[:0], 4)] or [torch.zeros(0)])
+    assert stored.numel() == 0  # the features store holds the decoder's slices only: none are in train/val here
+    computed = ComputedFeatures(cdm, slices, settings, "label", 3, dev)
+    assert computed.dim == 24
+    feats = torch.cat([f for _, f in computed.batches(ids, 5)])
+    direct = MAPS["features"].load()(cdm, Batch(torch.from_numpy(slices.images(ids)), slices.labels[ids], ids, 3),
+                                     settings)
+    torch.testing.assert_close(feats, upsample_features([f.half() for f in direct.values()], H), atol=2e-3, rtol=2e-3)
+    probs = tmp_path / "probs"
+    write_map_store(probs, ids, probs=np.linspace(0, 1, 12).astype(np.float32))
+    for conditioning in ("null_class", "predicted"):
+        source = ComputedFeatures(cdm, slices, settings, conditioning, 3, dev, MapStore(probs))
+        first = torch.cat([f for _, f in source.batches(ids, 4)])
+        slices.labels[:] = -slices.labels  # a different label for every labelled slice
+        again = torch.cat([f for _, f in source.batches(ids, 4)])
+        slices.labels[:] = -slices.labels
+        assert torch.equal(first, again), conditioning
+    with pytest.raises(ValueError, match="probability"):
+        ComputedFeatures(cdm, slices, settings, "predicted", 3, dev)

@@ -9,7 +9,7 @@ import pytest
 from cldf.catalogue import ARTIFACTS, Catalogue, wildcards
 from cldf.config import DEFAULT_CONFIG, deep_merge, load_config
 from cldf.plan import Plan
-from cldf.registry import MAPS, SEGMENTERS, cam_methods, map_settings
+from cldf.registry import MAPS, SEGMENTERS, cam_methods, label_of, map_settings
 
 CONFIG = load_config(DEFAULT_CONFIG)
 
@@ -22,8 +22,8 @@ def test_catalogue_paths_and_patterns() -> None:
     cat = Catalogue("out dir/")
     assert cat.path("slices", dataset="d") == "out dir/d/slices.zarr"
     assert cat.pattern("map_shard", map="features") == "out dir/{dataset}/shards/features/{shard}.zarr"
-    assert cat.path("decoder", dataset="d", selection="fused", cam="gradcam") == "out dir/d/cldf/gradcam/decoder.pt"
-    assert cat.path("decoder", dataset="d", selection="mg") == "out dir/d/cldf/ablation-mg/decoder.pt"
+    assert cat.path("decoder", dataset="d", selection="fused", cam="gradcam") == "out dir/d/cldf/gradcam/fused/decoder.pt"
+    assert cat.path("cldf_masks", dataset="d", cam="x", protocol="unlabelled") == "out dir/d/cldf/x/masks_unlabelled.zarr"
     assert cat.log(cat.pattern("map_shard")) == "out dir/logs/{dataset}/shards/{map}/{shard}.log"
     assert cat.benchmark(cat.path("model", dataset="d", model="cdm")) == "out dir/benchmarks/d/models/cdm.tsv"
     with pytest.raises(KeyError, match="shard"):
@@ -43,36 +43,55 @@ def test_shards_cover_every_case_once() -> None:
     assert [plan.shard_cases("synthetic", k) for k in plan.shards("synthetic")] == [[0, 1, 2], [3, 4, 5], [6]]
 
 
-def test_table_rows_derive_from_the_registry_and_the_config() -> None:
+def test_rows_derive_from_the_registry_and_the_config() -> None:
     plan = _plan(cams={"methods": ["gradcam", "layercam"]}, cldf={"cam": "gradcam"})
-    rows = plan.table_rows("synthetic")
-    assert set(rows) == {"GradCAM", "LayerCAM", "MG", "CDM saliency", "CLDF", "GradCAM+CL", "MG+CL",
-                         "FSL UNet (upper bound)"}
-    assert rows["CLDF"] == {"masks": "results/synthetic/cldf/gradcam/masks.zarr", "cam": "gradcam"}
-    assert rows["MG+CL"] == {"masks": "results/synthetic/cldf/ablation-mg/masks.zarr", "cam": ""}
-    assert rows["LayerCAM"] == {"masks": "results/synthetic/baselines/layercam/masks.zarr", "cam": "layercam"}
-    assert set(plan.figure_baselines("synthetic")) == {"GradCAM", "LayerCAM", "MG", "CDM saliency"}
-    assert len(rows) == len(plan.baseline_maps()) + len(SEGMENTERS)
+    rows = plan.rows("synthetic")
+    methods = ["gradcam", "layercam", "mean_gradient", "cdm_saliency", "intensity", "CLDF", "cam_cl", "mg_cl", "fsl_unet"]
+    assert [(r["protocol"], r["method"]) for r in rows] == [(p, m) for p in ("labelled", "unlabelled") for m in methods]
+    cldf = [r for r in rows if r["method"] == "CLDF"]
+    assert [r["masks"] for r in cldf] == ["results/synthetic/cldf/gradcam/masks_labelled.zarr",
+                                          "results/synthetic/cldf/gradcam/masks_unlabelled.zarr"]
+    assert all(r["cam"] == "gradcam" and r["array"] == "CLDF" and r["gated"] for r in cldf)
+    by = {(r["protocol"], r["method"]): r for r in rows}
+    assert by["labelled", "mg_cl"]["cam"] == "" and by["labelled", "layercam"]["cam"] == "layercam"
+    assert by["unlabelled", "fsl_unet"]["gated"] is False
+    assert by["labelled", "intensity"]["masks"] == "results/synthetic/baselines/intensity/masks.zarr"
+    assert len(rows) == 2 * (len(plan.baseline_maps()) + len(SEGMENTERS))
+    assert label_of("cam_cl", "gradcam") == "GradCAM+CL" and label_of("CLDF", "gradcam") == "CLDF (GradCAM)"
 
 
-def test_default_target_is_the_default_dataset_s_table_figure_nifti_and_samples() -> None:
+def test_a_per_layer_cam_is_read_fused() -> None:
+    plan = _plan()
+    assert plan.final_map("d", MAPS["layercam"]) == "results/d/cams/layercam.zarr"
+    assert plan.final_map("d", MAPS["gradcam"]) == "results/d/cams/gradcam.zarr"
+    plain, layered = plan.choice_maps("d")
+    assert layered == {"layercam": "results/d/cams/layercam_layers.zarr"} and "layercam" not in plain
+    assert set(plain) == {"gradcam", "gradcampp", "scorecam", "mean_gradient", "cdm_saliency"}
+
+
+def test_default_target_builds_every_evaluation_file() -> None:
     plan = _plan(results_dir="r")
-    assert plan.default_targets() == ["r/synthetic/metrics.csv", "r/synthetic/figure.png",
-                                      "r/synthetic/cldf/layercam/nifti", "r/synthetic/models/cdm_samples.png"]
+    assert plan.default_targets() == [
+        "r/synthetic/metrics.csv", "r/synthetic/metrics_per_case.csv", "r/synthetic/differences.csv",
+        "r/synthetic/selection.csv", "r/synthetic/metrics_3d.csv", "r/synthetic/figure.png",
+        "r/synthetic/models/cdm_samples.png", "r/synthetic/cldf/layercam/nifti"]
 
 
 def test_each_step_gets_only_the_settings_it_depends_on() -> None:
     plan = _plan()
-    assert set(plan.map_settings("cams/layercam")) == {"layercam_layers", "batch_size"}
-    assert set(plan.map_settings("cams/scorecam")) == {"layers", "scorecam_channels", "batch_size"}
-    assert plan.map_settings("features") == CONFIG["features"]
-    assert plan.decoder_settings("mg")["selection"]["mode"] == "mg"
-    changed = _plan(cams={"layercam_layers": ["layer2"]})
+    assert set(plan.map_settings("cams/layercam_layers")) == {"layercam_layers", "batch_size", "rows"}
+    assert set(plan.map_settings("cams/scorecam")) == {"layers", "scorecam_channels", "batch_size", "rows"}
+    assert plan.map_settings("cams/layercam_layers")["rows"] == "all"  # CLDF starts from LayerCAM
+    assert plan.map_settings("cams/scorecam")["rows"] == "evaluation"  # a baseline only
+    assert set(plan.map_settings("features")) == {"timesteps", "layers", "batch_size", "max_train_slices"}
+    assert set(plan.tune_settings()["choices"]) == {"quantile", "optimizer"}
+    assert set(plan.unlabelled_settings()["choices"]) == {"conditioning", "gate"}
+    changed = _plan(choices={"layercam_layers": [["layer2"]]})
     for name in cam_methods():
         same = map_settings(plan.config, MAPS[name]) == map_settings(changed.config, MAPS[name])
         assert same == (name != "layercam"), name
+    assert plan.segment_settings() == _plan(choices={"gate": [0.3]}).segment_settings()
 
 
-def test_phantom_dataset_reads_its_manifest_real_ones_their_files(tmp_path) -> None:
-    plan = _plan()
-    assert plan.raw_inputs("synthetic", 0) == ["results/synthetic/phantom.json"]
+def test_phantom_dataset_reads_its_manifest() -> None:
+    assert _plan().raw_inputs("synthetic", 0) == ["results/synthetic/phantom.json"]

@@ -14,7 +14,7 @@ from skimage.filters import threshold_otsu
 import cldf.segment.supcon as supcon_module
 from cldf.segment.cluster import cluster_slice, run_segmentation
 from cldf.models.decoder import PixelDecoder, embed_slices
-from cldf.segment.features import iter_feature_batches, upsample_features
+from cldf.segment.features import StoredFeatures, iter_feature_batches, upsample_features
 from cldf.segment.selection import activated, select_pixels
 from cldf.segment.supcon import supcon_loss
 from cldf.segment.train import load_decoder, train_decoder
@@ -77,6 +77,10 @@ def test_supcon_properties():
     assert torch.isfinite(supcon_loss(mixed, y, 1e-4))
     with pytest.raises(ValueError):
         supcon_loss(mixed[:3], torch.tensor([0, 1, 2]), 0.1)
+    # The paper's equation 1 sums over anchors: every anchor here has a positive, so sum = 10 x mean.
+    assert torch.allclose(supcon_loss(mixed, y, 0.5, "sum"), 10 * supcon_loss(mixed, y, 0.5))
+    y_single = torch.tensor([0, 0, 0, 1])  # the lone 1 is no anchor
+    assert torch.allclose(supcon_loss(mixed[:4], y_single, 0.5, "sum"), 3 * supcon_loss(mixed[:4], y_single, 0.5))
 
 
 # ---------------------------------------------------------------- pixel selection
@@ -220,10 +224,20 @@ SETTINGS = {
         "mode": "fused", "threshold": "otsu", "quantile": 0.8, "max_background": 400, "max_foreground": 400
     },
     "decoder": {
-        "widths": [16, 16, 16, 16], "temperature": 0.1, "optimizer": "adam", "lr": 1e-2, "epochs": 6, "batch_size": 4
+        "widths": [16, 16, 16, 16], "temperature": 0.1, "optimizer": "adam", "lr": 1e-2, "loss": "mean", "epochs": 6,
+        "batch_size": 4,
     },
 }
-CLUSTER = {"k": 2, "inside_body": True, "empty_if_classifier_negative": True}
+CLUSTER = {"k": 2, "inside_body": True}
+CPU = torch.device("cpu")
+
+
+def _segment_test(data: dict, decoder: Path, out: Path) -> None:
+    """Masks of the test slices, clustering the positive ones only (the labelled protocol)."""
+    test = np.flatnonzero(data["split"] == "test")
+    features = StoredFeatures(data["paths"]["features"], SIZE, CPU)
+    run_segmentation(data["paths"]["slices"], features, {"masks": decoder}, CLUSTER, test, data["labels"][test] != 0,
+                     out, CPU, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -231,12 +245,11 @@ def toy(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("toy")
     data = _make_toy(root)
     p = data["paths"]
-    cpu = torch.device("cpu")
     data["decoder"] = root / "decoder.pt"
-    data["stats"] = train_decoder(p["slices"], p["features"], p["cam"], p["mg"], SETTINGS, data["decoder"], cpu, seed=3)
-    run_segmentation(
-        p["slices"], p["features"], data["decoder"], p["probs"], CLUSTER, None, ["test"], root / "masks", cpu, seed=3
-    )
+    features = StoredFeatures(p["features"], SIZE, CPU)
+    _, checkpoint = train_decoder(p["slices"], features, p["cam"], p["mg"], SETTINGS, data["decoder"], 3, 1000)
+    data["stats"] = checkpoint["stats"]
+    _segment_test(data, data["decoder"], root / "masks")
     data["masks"] = root / "masks"
     data["root"] = root
     return data
@@ -274,7 +287,7 @@ def test_kmeans_on_embeddings_beats_thresholded_cam(toy):
     assert store.slice_ids.tolist() == test_ids.tolist()
     masks = store.read("masks", test_ids).astype(bool)
     positive = toy["labels"][test_ids] == 1
-    assert not masks[~positive].any()  # classifier probability < 0.5 -> empty mask
+    assert not masks[~positive].any()  # known negative: not clustered
     assert not (masks & ~toy["body"][test_ids]).any()
     dice_cldf, dice_cam = [], []
     for row, i in enumerate(test_ids[positive]):
@@ -288,15 +301,13 @@ def test_kmeans_on_embeddings_beats_thresholded_cam(toy):
 
 def test_same_seed_same_decoder_and_masks(toy):
     p, root = toy["paths"], toy["root"]
-    cpu = torch.device("cpu")
-    train_decoder(p["slices"], p["features"], p["cam"], p["mg"], SETTINGS, root / "again.pt", cpu, seed=3)
-    first, _ = load_decoder(toy["decoder"], torch.device("cpu"))
-    second, _ = load_decoder(root / "again.pt", torch.device("cpu"))
+    train_decoder(p["slices"], StoredFeatures(p["features"], SIZE, CPU), p["cam"], p["mg"], SETTINGS,
+                  root / "again.pt", 3, 1000)
+    first, _ = load_decoder(toy["decoder"], CPU)
+    second, _ = load_decoder(root / "again.pt", CPU)
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
-    run_segmentation(
-        p["slices"], p["features"], root / "again.pt", p["probs"], CLUSTER, None, ["test"], root / "again", cpu, seed=3
-    )
+    _segment_test(toy, root / "again.pt", root / "again")
     ids = MapStore(toy["masks"]).slice_ids
     assert np.array_equal(MapStore(toy["masks"]).read("masks", ids), MapStore(root / "again").read("masks", ids))
 

@@ -15,7 +15,7 @@ from cldf.data.slices import build_shard, gather, slice_labels
 from cldf.data.splits import assign_splits
 from cldf.io.errors import DataError
 from cldf.io.layouts import case_files, list_cases
-from cldf.store import SliceStore, open_store, read_ground_truth
+from cldf.store import SliceStore, StoreError, TestTruth, open_store, read_ground_truth
 
 
 ONE_CASE = {"val_fraction": 0.0, "test_fraction": 0.0, "seed": 0}  # one case can only be a training case
@@ -31,11 +31,12 @@ def settings(name: str, **overrides) -> dict:
 def brats_store(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
     """Two BraTS 2018 cases sliced at 64 × 64, built as two shards gathered in reverse order."""
     out = tmp_path_factory.mktemp("brats")
-    ds = settings("brats18_shared", root=str(shared_data / "brats18"), image_size=64, max_cases=2)
+    ds = settings("brats18_shared", root=str(shared_data / "brats18"), image_size=64, max_cases=2,
+                  split={"val_fraction": 0.0, "test_fraction": 0.5, "seed": 0})
     ids = list_cases(ds)
     build_shard(ds, ids[1:], ids, out / "s1")
     build_shard(ds, ids[:1], ids, out / "s0")
-    gather([out / "s1", out / "s0"], out / "slices", out / "manifest.csv", out / "skipped.csv",
+    gather([out / "s1", out / "s0"], out / "slices", out / "truth", out / "manifest.csv", out / "skipped.csv",
            ds["split"])
     return ds, out / "slices", out / "manifest.csv"
 
@@ -70,8 +71,34 @@ def test_labels_follow_the_rule(brats_store, shared_data: Path) -> None:
         np.testing.assert_array_equal(store.labels[rows], expected)
         np.testing.assert_allclose(manifest["target_fraction"][rows], fraction[store.slice_index[rows]], rtol=1e-4)
         assert set(store.labels[rows].tolist()) == {-1, 0, 1}
-    masks = read_ground_truth(path, np.arange(store.n))
+    masks = _masks(path, np.arange(store.n))
     assert not masks[store.labels == 0].any() and masks[store.labels == 1].any(axis=(1, 2)).all()
+
+
+def _masks(path: Path, rows: np.ndarray) -> np.ndarray:
+    """Ground truth of any rows: training/validation ones from the slice store, test ones from the test truth."""
+    store = SliceStore(path)
+    test = store.split[rows] == "test"
+    out = np.zeros((len(rows), store.image_size, store.image_size), np.uint8)
+    if (~test).any():
+        out[~test] = read_ground_truth(path, rows[~test])
+    if test.any():
+        out[test] = TestTruth(path.parent / "truth").masks(rows[test])
+    return out
+
+
+def test_test_masks_live_in_the_test_truth_only(brats_store) -> None:
+    _, path, _ = brats_store
+    store = SliceStore(path)
+    test = store.indices(split="test")
+    assert len(test) > 0
+    truth = TestTruth(path.parent / "truth")
+    assert np.array_equal(truth.slice_ids, test) and np.array_equal(truth.labels, store.labels[test])
+    assert truth.masks(test).any()
+    with pytest.raises(StoreError, match="only evaluation reads the test truth"):
+        read_ground_truth(path, test[:3])
+    stored = np.asarray(open_store(path)["ground_truth/masks"][:])
+    assert not stored[test].any()  # the slice store keeps no test mask
 
 
 def test_no_case_in_two_splits(shared_data: Path) -> None:
@@ -110,7 +137,7 @@ def test_round_trip_to_original_geometry(brats_store, shared_data: Path, tmp_pat
 
     store = SliceStore(path)  # 64 × 64: the mask survives down- and up-sampling well
     rows = store.indices(cases=[0])
-    img = to_original(read_ground_truth(path, rows), store.slice_index[rows], store.cases[0])
+    img = to_original(_masks(path, rows), store.slice_index[rows], store.cases[0])
     assert img.shape == original.shape and np.allclose(img.affine, original.affine)
     back = np.asarray(img.dataobj).astype(bool)
     dice = 2 * (back & truth).sum() / (back.sum() + truth.sum())
@@ -118,10 +145,10 @@ def test_round_trip_to_original_geometry(brats_store, shared_data: Path, tmp_pat
 
     full = {**ds, "image_size": 240, "max_cases": 1}  # no resize: exact on kept slices
     build_shard(full, [case_id], [case_id], tmp_path / "s")
-    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
+    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "truth", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
     store = SliceStore(tmp_path / "slices")
     rows = store.indices(cases=[0])
-    back = np.asarray(to_original(read_ground_truth(tmp_path / "slices", rows), store.slice_index[rows], store.cases[0]).dataobj)
+    back = np.asarray(to_original(_masks(tmp_path / "slices", rows), store.slice_index[rows], store.cases[0]).dataobj)
     kept = store.slice_index[rows]
     np.testing.assert_array_equal(back[:, :, kept].astype(bool), truth[:, :, kept])
 
@@ -130,7 +157,7 @@ def test_flare_kidney_slices(shared_data: Path, tmp_path: Path) -> None:
     ds = settings("flare21_kidney", root=str(shared_data / "flare_like"), image_size=32, ambiguous_slices="drop")
     ids = list_cases(ds)
     build_shard(ds, ids, ids, tmp_path / "s")
-    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
+    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "truth", tmp_path / "m.csv", tmp_path / "k.csv", ONE_CASE)
     store = SliceStore(tmp_path / "slices")
     assert store.channels == 1 and set(store.labels.tolist()) == {0, 1}  # ambiguous dropped
     meta = store.cases[0]

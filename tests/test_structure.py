@@ -81,8 +81,9 @@ def _schema_keys(node: dict, prefix: str = "") -> list[str]:
 
 
 def test_every_schema_key_is_read_somewhere() -> None:
-    """A key is read when its name appears quoted (``["key"]``, ``.get("key")``, ``keys=("key", ...)``) in the
-    package or the workflow, or when its whole section is passed on (e.g. ``config["features"]``)."""
+    """A key is read when its name appears quoted (``["key"]``, ``.get("key")``, ``keys=("key", ...)``) or as a
+    dotted path (``"gradient.timesteps"``) in the package or the workflow, or when its whole section is passed
+    on (e.g. ``config["features"]``)."""
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     sections = [schema, *schema["$defs"].values()]
     keys = sorted({k for section in sections for k in _schema_keys(section)})
@@ -91,7 +92,7 @@ def test_every_schema_key_is_read_somewhere() -> None:
     for key in keys:
         leaf = key.rsplit(".", 1)[-1]
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        quoted = re.search(rf"[\"']{re.escape(leaf)}[\"']", code)
+        quoted = re.search(rf"[\"']{re.escape(leaf)}[\"']", code) or re.search(rf"[\"']{re.escape(key)}[.\"']", code)
         passed_on = parent and re.search(rf"[\"']{re.escape(parent.rsplit('.', 1)[-1])}[\"']\]\s*(\)|,|$)", code, re.M)
         if not quoted and not passed_on:
             unread.append(key)

@@ -18,13 +18,16 @@ from .workflow_utils import REPO, artifact, planned_jobs, run_snakemake, tiny_co
 def test_dry_run_of_default_target_plans_every_stage(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     jobs = planned_jobs(cfg)
-    for rule in ["phantom", "slices_shard", "slices", "train_model", "map_shard", "gather_map", "decoder_fused",
-                 "segment_shard_fused", "masks_fused", "decoder_cam", "decoder_mg", "baseline_masks", "fsl_masks",
-                 "nifti", "metrics", "figure", "cdm_samples"]:
+    for rule in ["phantom", "slices_shard", "slices", "train_model", "map_shard", "gather_map", "fuse_cam",
+                 "choose_maps", "tune_decoder", "decoder_ablation", "choose_unlabelled", "selection", "segment_shard",
+                 "cldf_masks", "baseline_masks", "fsl_masks", "nifti", "metrics", "metrics_3d", "figure",
+                 "cdm_samples"]:
         assert jobs.get(rule, 0) >= 1, f"rule {rule} missing from the plan: {jobs}"
-    assert jobs["train_model"] == 4
+    assert jobs["train_model"] == 4 and jobs["decoder_ablation"] == 2
     n_maps = 4 + 4  # features, gradients, probabilities, saliency + the four configured CAMs
     assert jobs["map_shard"] == n_maps * jobs["slices_shard"] and jobs["gather_map"] == n_maps
+    assert jobs["segment_shard"] == 2 * jobs["slices_shard"]  # both protocols
+    assert jobs["baseline_masks"] == 4 + 2 + 1  # the CAMs, MG, CDM saliency, the intensity threshold
 
 
 def test_config_typo_names_the_key(tmp_path: Path) -> None:
@@ -93,7 +96,7 @@ def test_slurm_profile_plans_shard_jobs_with_their_resources(tmp_path: Path) -> 
     assert len(resources["map_shard"]) == 8 * len(resources["slices_shard"]) >= 16  # one job per map and shard
     for line in resources["train_model"]:
         assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=2" in line and "cpus_per_task=8" in line
-    gpu_rules = ["map_shard", "decoder_fused", "decoder_mg", "fsl_masks"]
+    gpu_rules = ["map_shard", "tune_decoder", "decoder_ablation", "segment_shard", "choose_unlabelled", "fsl_masks"]
     for line in sum((resources[r] for r in gpu_rules), []):
         assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=1" in line
     for line in resources["slices_shard"]:

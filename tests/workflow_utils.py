@@ -70,6 +70,19 @@ def planned_jobs(config: Path, args: list[str] | None = None) -> Counter:
     return jobs
 
 
+def planned_wildcards(config: Path, rule: str, wildcard: str) -> list[str]:
+    """The values of ``wildcard`` of the jobs of ``rule`` that a dry run plans."""
+    res = run_snakemake(config, ["-n"], quiet=False)
+    values, current = [], None
+    for line in (res.stdout + res.stderr).splitlines():
+        if line.startswith(("rule ", "localrule ")):
+            current = line.split()[1].rstrip(":")
+        elif current == rule and line.strip().startswith("wildcards:"):
+            fields = dict(part.split("=", 1) for part in line.strip()[len("wildcards:"):].split(", "))
+            values.append(fields[wildcard].strip())
+    return sorted(set(values))
+
+
 def artifact(workdir: Path, name: str, results_dir: str = "results", **wildcards: object) -> Path:
     """Where artifact ``name`` of the catalogue lies in a test's working directory."""
     return Path(workdir) / Catalogue(results_dir).path(name, **wildcards)

@@ -1,12 +1,16 @@
-"""A synthetic BraTS-layout dataset: 4-channel "brain MR" phantoms with irregular tumours.
+"""A synthetic BraTS-layout dataset that tests the method: 4-channel "brain MR" phantoms with tumours.
 
 Each case is a skull-stripped ellipsoidal brain (field of view 240 × 240 × 155 mm like BraTS, stored
-LPS-oriented like BraTS) with cortex, white matter, deep grey patches, sulci and ventricles; FLAIR
-white-matter hyperintensities and T1ce vessel-like bright spots that mimic tumour signal; a smooth
-multiplicative bias field and Rician noise. Tumours are lumpy (thresholded smoothed noise): oedema
-(label 2) around a core that is necrotic (1) with an enhancing rim (4), or non-enhancing (all 1). Tumour
-contrast is moderate and its edges blurred, so a thresholded class-activation map is clearly imperfect.
-About one case in five has no tumour. Output is deterministic for a seed (same bytes).
+LPS-oriented like BraTS) with cortex, white matter, deep grey patches, sulci and ventricles, a smooth
+multiplicative bias field and Rician noise. Tumours vary in size (core radius 6–30 mm, log-uniform), shape
+(lumpy, elongated, or two foci) and contrast (the blend weight of tumour signal, 0.45–0.95): oedema
+(label 2) around a core that is necrotic (1) with an enhancing rim (4), or non-enhancing (all 1).
+
+Healthy structures mimic tumour in one channel each, so that no single-channel intensity threshold finds
+the tumour: confluent white-matter hyperintensities and periventricular caps are as bright as oedema in
+FLAIR (but normal in T1 and dimmer in T2), ventricles are as dark as the core in T1 and as bright as
+oedema in T2, vessels are as bright as the enhancing rim in T1ce. About one case in ten has no tumour;
+slices above and below a tumour are negative. Output is deterministic for a seed (same bytes).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ TISSUE_MEANS = {
     "t1ce": (0.0, 0.72, 0.56, 0.20, 0.54, 0.30, 0.95),
     "t2": (0.0, 0.42, 0.58, 0.95, 0.82, 0.88, 0.66),
 }
-# Extra signal of the tumour-mimicking structures: (white-matter hyperintensities, vessels).
-MIMICS = {"flair": (0.24, 0.0), "t1": (-0.08, 0.0), "t1ce": (0.0, 0.30), "t2": (0.22, 0.05)}
+# Extra signal of the tumour-mimicking structures: (white-matter hyperintensities and periventricular caps,
+# vessels). FLAIR-bright like oedema, but normal in T1 and dimmer than oedema in T2.
+MIMICS = {"flair": (0.30, 0.0), "t1": (-0.04, 0.0), "t1ce": (0.0, 0.32), "t2": (0.14, 0.05)}
 WM, GM, CSF = 1, 2, 3
 
 
@@ -78,21 +83,49 @@ def _anatomy(rng: np.random.Generator, coords: np.ndarray, spacing: np.ndarray) 
         dv = np.sqrt(sum(((coords[k] - vc[k]) / vr[k]) ** 2 for k in range(3)))
         tissue[(dv < 1.0) & brain] = CSF
     wmh = (_field(rng, shape, 3.0, spacing) > 2.1) & (tissue == WM)
+    confluent = _field(rng, shape, 7.0, spacing) > rng.uniform(1.2, 1.9)  # large FLAIR-bright patches
+    wmh |= confluent & (tissue == WM) & (depth > 0.15)
+    near_ventricles = ndimage.binary_dilation(tissue == CSF, iterations=2) & (depth > 0.3)
+    if rng.random() < 0.7:  # periventricular caps
+        wmh |= near_ventricles & (tissue == WM) & (_field(rng, shape, 5.0, spacing) > -0.3)
     vessels = (_field(rng, shape, 1.5, spacing) > 2.6) & brain
     return tissue, depth, wmh, vessels
 
 
-def _tumour(rng: np.random.Generator, coords: np.ndarray, spacing: np.ndarray, depth: np.ndarray) -> np.ndarray:
-    """Tumour labels uint8 (X, Y, Z): 2 oedema, 1 necrosis / non-enhancing core, 4 enhancing rim."""
-    shape = depth.shape
-    candidates = np.argwhere(depth > 0.3)
-    centre = coords[(slice(None), *candidates[rng.integers(len(candidates))])]
-    core_r = float(np.exp(rng.uniform(np.log(6.0), np.log(28.0))))
+def _lesion(rng: np.random.Generator, coords: np.ndarray, centre: np.ndarray, core_r: float,
+            spacing: np.ndarray, stretch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Core and oedema masks (X, Y, Z) of one lumpy focus, stretched by ``stretch`` along the axes."""
+    shape = coords.shape[1:]
     oedema_r = core_r * rng.uniform(1.3, 2.0)
-    dist = np.sqrt(sum((coords[k] - centre[k]) ** 2 for k in range(3)))
-    core = (dist / core_r + 0.35 * _field(rng, shape, core_r / 3, spacing) < 1.0) & (depth > 0)
-    oedema = (dist / oedema_r + 0.4 * _field(rng, shape, oedema_r / 3, spacing) < 1.0) & (depth > 0)
-    seg = np.zeros(shape, dtype=np.uint8)
+    dist = np.sqrt(sum(((coords[k] - centre[k]) / stretch[k]) ** 2 for k in range(3)))
+    core = dist / core_r + 0.35 * _field(rng, shape, core_r / 3, spacing) < 1.0
+    oedema = dist / oedema_r + 0.4 * _field(rng, shape, oedema_r / 3, spacing) < 1.0
+    return core, oedema
+
+
+def _tumour(rng: np.random.Generator, coords: np.ndarray, spacing: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """Tumour labels uint8 (X, Y, Z): 2 oedema, 1 necrosis / non-enhancing core, 4 enhancing rim.
+
+    Core radius log-uniform in 6–30 mm; shape lumpy (1/2), elongated along a random axis (1/4) or two foci
+    (1/4); the core is non-enhancing in 3 cases of 10.
+    """
+    candidates = np.argwhere(depth > 0.3)
+    core_r = float(np.exp(rng.uniform(np.log(6.0), np.log(30.0))))
+    kind = rng.choice(["lumpy", "lumpy", "elongated", "multifocal"])
+    stretch = np.ones(3)
+    if kind == "elongated":
+        stretch[rng.integers(3)] = rng.uniform(1.6, 2.4)
+    foci = 2 if kind == "multifocal" else 1
+    core = np.zeros(depth.shape, dtype=bool)
+    oedema = np.zeros(depth.shape, dtype=bool)
+    for _ in range(foci):
+        centre = coords[(slice(None), *candidates[rng.integers(len(candidates))])]
+        c, o = _lesion(rng, coords, centre, core_r / np.sqrt(foci), spacing, stretch)
+        core |= c
+        oedema |= o
+    core &= depth > 0
+    oedema &= depth > 0
+    seg = np.zeros(depth.shape, dtype=np.uint8)
     seg[oedema | core] = 2
     if rng.random() < 0.3:  # non-enhancing (lower-grade-like) core
         seg[core] = 1
@@ -110,7 +143,7 @@ def _case(rng: np.random.Generator, shape: tuple[int, int, int], modalities: Seq
     brain = tissue > 0
     seg = _tumour(rng, coords, spacing, depth) if with_tumour else np.zeros(shape, dtype=np.uint8)
     regions = {4: _blur(seg > 0, 1.5, spacing), 5: _blur(np.isin(seg, (1, 4)), 1.2, spacing), 6: _blur(seg == 4, 0.8, spacing)}
-    contrast = rng.uniform(0.6, 0.95)
+    contrast = rng.uniform(0.45, 0.95)
     bias = np.exp(0.25 * _field(rng, shape, 60.0, spacing))
     wmh_soft, vessel_soft = _blur(wmh, 1.2, spacing), _blur(vessels, 0.8, spacing)
     tumour_texture = 0.08 * _field(rng, shape, 3.0, spacing)
@@ -163,7 +196,7 @@ def generate_phantom(
     (uint8, labels {0, 1, 2, 4}). Built in a temporary sibling directory, then renamed onto ``root``,
     replacing an older phantom; a non-empty ``root`` that cldf did not create is never touched
     (:class:`cldf.atomic.UnsafePathError`). Case ``i`` draws from ``numpy.random.default_rng([seed, i])``; which
-    cases are tumour-free (``max(1, round(n_cases / 5))`` of them when ``n_cases > 1``) from ``seed``.
+    cases are tumour-free (``max(1, n_cases // 10)`` of them when ``n_cases > 1``) from ``seed``.
     """
     unknown = [m for m in modalities if m not in TISSUE_MEANS]
     if unknown:
@@ -171,7 +204,7 @@ def generate_phantom(
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"phantom shape must be 3 sizes >= 8, got {shape}")
-    n_free = max(1, round(n_cases / 5)) if n_cases > 1 else 0
+    n_free = max(1, n_cases // 10) if n_cases > 1 else 0
     free = set(np.random.default_rng(seed).choice(n_cases, size=n_free, replace=False).tolist())
     affine = _affine(shape)  # type: ignore[arg-type]
     with atomic_dir(root) as tmp:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -158,6 +159,7 @@ def _case_slices(ds: Mapping[str, Any], case: Case) -> tuple[dict[str, np.ndarra
 def _store_attrs(ds: Mapping[str, Any], all_case_ids: Sequence[str], cases: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "dataset": ds["name"],
+        "layout": ds.get("layout", ""),
         "modalities": list(ds["modalities"]),
         "image_size": int(ds["image_size"]),
         "case_ids": list(all_case_ids),
@@ -290,19 +292,21 @@ def write_skipped_cases(cases: Sequence[Mapping[str, Any]], path: str | os.PathL
 def gather(
     shard_paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
+    test_truth_out: str | os.PathLike,
     manifest_csv: str | os.PathLike,
     skipped_csv: str | os.PathLike,
     split_cfg: Mapping[str, Any],
 ) -> None:
-    """Combine shard stores into the slice store ``out``, assign the splits, write the two CSVs.
+    """Combine shard stores into the slice store ``out`` and the test truth, assign the splits, write the CSVs.
 
     Rows are ordered by (case_index, slice_index) and get global ``slice_ids`` 0..N-1. The ``cases``
     attribute lists every case of ``case_ids`` in that order (so ``cases[case_index]`` is a row's case);
     the shards must cover every case exactly once. Splits are drawn from the kept cases only
     (:func:`cldf.data.splits.assign_splits`); ``skipped_csv`` lists the skipped cases with their reason.
-    Streams blocks of rows, memory independent of N. Manifest columns: slice_id, case, slice_index, split,
-    label, target_fraction, body_fraction. Raises :class:`DataError` when every case was skipped or a
-    split the config asks for is empty.
+    The masks of test slices go to ``test_truth_out`` only (their rows in the slice store's ground truth
+    are zero). Streams blocks of rows, memory independent of N. Manifest columns: slice_id, case,
+    slice_index, split, label, target_fraction, body_fraction. Raises :class:`DataError` when every case
+    was skipped or a split the config asks for is empty.
     """
     shard_paths = [Path(p) for p in shard_paths]
     if not shard_paths:
@@ -319,42 +323,66 @@ def gather(
     local = np.concatenate([np.arange(s["labels"].shape[0]) for s in shards])
     order = np.lexsort((slice_index, case_index))
     split_codes = np.asarray([SPLITS.index(m["split"]) if m["split"] else 0 for m in cases], dtype=np.uint8)
-    columns = _write_gathered(shards, owner[order], local[order], split_codes, ref, cases, out)
+    rows = _Rows(owner[order], local[order], split_codes[case_index[order]])
+    columns = _write_gathered(shards, rows, ref, cases, out, test_truth_out)
     write_skipped_cases(cases, skipped_csv)
     _write_manifest(ref["case_ids"], case_index[order], slice_index[order], columns, manifest_csv)
 
 
+@dataclass
+class _Rows:
+    """Where each row of the gathered store comes from (shard, row in it) and its split code."""
+
+    owner: np.ndarray
+    local: np.ndarray
+    split: np.ndarray
+
+
+TEST = SPLITS.index("test")
+
+
 def _write_gathered(
     shards: Sequence[Any],
-    owner: np.ndarray,
-    local: np.ndarray,
-    split_codes: np.ndarray,
+    rows: _Rows,
     ref: Mapping[str, Any],
     cases: list[dict[str, Any]],
     out: str | os.PathLike,
+    test_truth_out: str | os.PathLike,
 ) -> dict[str, np.ndarray]:
-    """Stream the shards' rows (in the order given by ``owner``/``local``) into ``out``.
+    """Stream the shards' rows into ``out`` (test masks zeroed) and the test rows' truth into ``test_truth_out``.
 
     Returns the per-row columns the manifest needs (labels, split, body and target fractions).
     """
-    ds_like = {"name": ref["dataset"], "modalities": ref["modalities"], "image_size": ref["image_size"]}
-    specs = slice_arrays(len(ref["modalities"]), int(ref["image_size"]))
+    ds_like = {"name": ref["dataset"], "layout": ref.get("layout", ""), "modalities": ref["modalities"],
+               "image_size": ref["image_size"]}
+    size = int(ref["image_size"])
+    specs = slice_arrays(len(ref["modalities"]), size)
+    test_rows = np.flatnonzero(rows.split == TEST)
+    truth_specs = {"slice_ids": ((), np.int64), "masks": ((size, size), np.uint8), "labels": ((), np.int8),
+                   "target_fraction": ((), np.float32)}
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "split", "body_fraction", "target_fraction")}
-    with ArrayStoreWriter(out, len(owner), specs, _store_attrs(ds_like, ref["case_ids"], cases)) as writer:
-        for start, length, k, lo in _runs(owner, local, Z_CHUNK):
-            shard = shards[k]
-            for name in specs:
-                if name in ("slice_ids", "split"):
-                    continue
-                block = np.asarray(shard[name][lo : lo + length])
-                writer.write(name, start, block)
-                key = "target_fraction" if name.endswith("target_fraction") else name
-                if key in columns:
-                    columns[key].append(block)
-            split = split_codes[np.asarray(shard["case_index"][lo : lo + length], dtype=np.int64)]
-            writer.write("split", start, split)
-            columns["split"].append(split)
-        writer.write("slice_ids", 0, np.arange(len(owner), dtype=np.int64))
+    with ArrayStoreWriter(out, len(rows.owner), specs, _store_attrs(ds_like, ref["case_ids"], cases)) as writer, \
+            ArrayStoreWriter(test_truth_out, len(test_rows), truth_specs, {"dataset": ref["dataset"]}) as truth:
+        written = 0
+        for start, length, k, lo in _runs(rows.owner, rows.local, Z_CHUNK):
+            block = {name: np.asarray(shards[k][name][lo : lo + length]) for name in specs if name not in ("slice_ids", "split")}
+            split = rows.split[start : start + length]
+            is_test = split == TEST
+            if is_test.any():
+                n = int(is_test.sum())
+                truth.write("slice_ids", written, np.arange(start, start + length)[is_test])
+                truth.write("masks", written, block[f"{GROUND_TRUTH}/masks"][is_test])
+                truth.write("labels", written, block["labels"][is_test])
+                truth.write("target_fraction", written, block[f"{GROUND_TRUTH}/target_fraction"][is_test])
+                written += n
+                block[f"{GROUND_TRUTH}/masks"] = np.where(is_test[:, None, None], 0, block[f"{GROUND_TRUTH}/masks"])
+                block[f"{GROUND_TRUTH}/target_fraction"] = np.where(is_test, 0, block[f"{GROUND_TRUTH}/target_fraction"])
+            for name, values in {**block, "split": split}.items():
+                writer.write(name, start, values)
+            for key, name in (("labels", "labels"), ("split", "split"), ("body_fraction", "body_fraction"),
+                              ("target_fraction", f"{GROUND_TRUTH}/target_fraction")):
+                columns[key].append(split if key == "split" else np.asarray(shards[k][name][lo : lo + length]))
+        writer.write("slice_ids", 0, np.arange(len(rows.owner), dtype=np.int64))
     return {k: np.concatenate(v) for k, v in columns.items()}
 
 

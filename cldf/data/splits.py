@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cldf.io.errors import DataError
+from cldf.store import SliceStore
 
 LOG = logging.getLogger("cldf.data")
 
@@ -90,3 +91,17 @@ def _random_split(ids: Sequence[str], split_cfg: Mapping[str, Any]) -> dict[str,
     for rank, k in enumerate(order):
         split[ids[k]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
     return split
+
+
+def training_rows(slices: SliceStore, cap: int, seed: int) -> np.ndarray:
+    """The pixel decoder's training slices: training split, label 0 or 1; a seeded sample of ``cap`` when more."""
+    ids = slices.indices(split="train", labels=[0, 1])
+    if len(ids) > cap:
+        ids = np.sort(np.random.default_rng([seed, 17]).choice(ids, size=cap, replace=False))
+    return ids
+
+
+def feature_rows(slices: SliceStore, cap: int, seed: int) -> np.ndarray:
+    """Slices whose diffusion features are cached: the decoder's training slices and the validation slices
+    labelled 0 or 1 (on which its settings are chosen); every other slice's features are computed on the fly."""
+    return np.union1d(training_rows(slices, cap, seed), slices.indices(split="val", labels=[0, 1]))

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
+import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cldf.store import MapStore, SliceStore, StoreError, read_ground_truth
+from cldf.registry import label_of
+from cldf.store import MapStore, SliceStore, StoreError, TestTruth
 
 CELL_INCHES = 1.6
 DPI = 100
@@ -25,7 +27,7 @@ FG_COLOUR = (1.0, 0.1, 0.1)
 BG_COLOUR = (0.2, 0.4, 1.0)
 
 PanelData = Union[np.ndarray, tuple[np.ndarray, np.ndarray]]
-Panel = Union[str, os.PathLike, Callable[[np.ndarray], PanelData]]
+Panel = Union[str, os.PathLike, tuple[str, str], Callable[[np.ndarray], PanelData]]
 
 
 def grid_size_pixels(n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -50,7 +52,7 @@ def _save_atomic(fig: Figure, out_png: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def choose_rows(slices_path: str | os.PathLike, n_rows: int, seed: int = 0, batch_size: int = 64) -> np.ndarray:
+def choose_rows(slices_path: str | os.PathLike, truth: TestTruth, n_rows: int, seed: int = 0) -> np.ndarray:
     """Positive test slices to show: int64 (R,), R = min(n_rows, number of positive test slices).
 
     Cases are taken in an order shuffled by ``seed``; each case in turn gives its slice with the largest
@@ -58,13 +60,10 @@ def choose_rows(slices_path: str | os.PathLike, n_rows: int, seed: int = 0, batc
     Rows are returned sorted by global slice id.
     """
     slices = SliceStore(slices_path)
-    ids = slices.indices(split="test", labels=[1])
+    ids = truth.slice_ids[truth.labels == 1]
     if len(ids) == 0:
         raise StoreError(f"{slices_path} has no positive test slices to show")
-    area = np.concatenate(
-        [read_ground_truth(slices_path, ids[s : s + batch_size]).reshape(len(ids[s : s + batch_size]), -1).sum(1)
-         for s in range(0, len(ids), batch_size)]
-    )
+    area = truth.masks(ids).reshape(len(ids), -1).sum(1)
     cases = slices.case_index[ids]
     queues = []
     for case in np.random.default_rng(seed).permutation(np.unique(cases)):
@@ -82,6 +81,8 @@ def _load_panel(panel: Panel, ids: np.ndarray) -> tuple[str, PanelData]:
     """Data of one panel for slices ``ids`` and its kind: "map", "mask" or "selection"."""
     if callable(panel):
         data = panel(ids)
+    elif isinstance(panel, tuple):
+        data = MapStore(panel[0]).read(panel[1], ids).astype(bool)
     else:
         store = MapStore(panel)
         if "masks" in store.group:
@@ -111,6 +112,7 @@ def _contour(ax: Axes, mask: np.ndarray, colour: object, style: str = "solid") -
 
 def figure_grid(
     slices_path: str | os.PathLike,
+    truth_path: str | os.PathLike,
     panels: dict[str, Panel],
     out_png: str | os.PathLike,
     n_rows: int = 6,
@@ -121,7 +123,8 @@ def figure_grid(
     Columns: the image (first channel, e.g. FLAIR), the ground truth, then one column per entry of
     ``panels`` in order. A panel is a store path or a callable ``ids (R,) -> data``:
 
-    * a store with ``masks`` (N, H, W), or a callable returning a bool (R, H, W) array: the mask filled
+    * a store with ``masks`` (N, H, W) (or ``(store, array name)``), or a callable returning a bool (R, H, W)
+      array: the mask filled
       in red over the image, with the ground-truth boundary in green;
     * a store with ``maps`` (N, H, W) in [0, 1], or a callable returning a float (R, H, W) array: a heatmap
       over the image;
@@ -130,10 +133,11 @@ def figure_grid(
 
     The PNG measures :func:`grid_size_pixels` (R, 2 + len(panels)) pixels.
     """
-    ids = choose_rows(slices_path, n_rows, seed)
+    truth = TestTruth(truth_path)
+    ids = choose_rows(slices_path, truth, n_rows, seed)
     slices = SliceStore(slices_path)
     images = slices.images(ids)[:, 0]
-    gt = read_ground_truth(slices_path, ids).astype(bool)
+    gt = truth.masks(ids)
     loaded = {name: _load_panel(panel, ids) for name, panel in panels.items()}
     titles = ["image", "ground truth", *loaded]
     n_cols = len(titles)
@@ -168,3 +172,42 @@ def figure_grid(
                 _overlay(ax, data[1][r], BG_COLOUR, 0.3)
             _contour(ax, gt[r], GT_COLOUR, "dashed")
     _save_atomic(fig, out_png)
+
+
+def paper_figure(
+    slices_path: str | os.PathLike,
+    truth_path: str | os.PathLike,
+    cam_path: str | os.PathLike,
+    mg_path: str | os.PathLike,
+    cldf_masks: str | os.PathLike,
+    metrics_csv: str | os.PathLike,
+    baselines: Mapping[str, str],
+    selection: Mapping[str, Any],
+    tuned: Mapping[str, Any],
+    out_png: str | os.PathLike,
+) -> None:
+    """The paper's Fig. 3 layout: image, truth, CAM, MG, CLDF's fused pixel selection (with the settings
+    chosen on validation), CLDF's masks and the best thresholded baseline (labelled protocol)."""
+    import torch
+
+    from cldf.segment.selection import select_pixels
+
+    slices = SliceStore(slices_path)
+    cam, mg = MapStore(cam_path), MapStore(mg_path)
+
+    def fused_selection(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fg, bg = select_pixels(
+            torch.from_numpy(cam.read("maps", ids).astype(np.float32)),
+            torch.from_numpy(mg.read("maps", ids).astype(np.float32)),
+            torch.from_numpy(slices.labels[ids].astype(np.int64)), torch.from_numpy(slices.body(ids)),
+            "fused", selection["threshold"], float(tuned["quantile"]),
+        )
+        return fg.numpy(), bg.numpy()
+
+    table = pd.read_csv(metrics_csv)
+    labelled = table[(table.protocol == "labelled") & table.method.isin(list(baselines))]
+    best = str(labelled.sort_values("dice_mean", ascending=False, kind="stable").method.iloc[0])
+    figure_grid(slices_path, truth_path, {
+        "CAM": cam_path, "MG": mg_path, "fused selection": fused_selection, "CLDF": (str(cldf_masks), "CLDF"),
+        f"best baseline ({label_of(best)})": baselines[best],
+    }, out_png)

@@ -88,3 +88,33 @@ def slice_metrics(
             )
         hd95[both] = hd.squeeze(1).double().numpy()
     return pd.DataFrame({"dice": dice, "iou": iou, "hd95": hd95})
+
+
+def dice_scores(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Per-slice Dice of binary masks (B, H, W) → float64 (B,), with the empty-mask conventions above
+    (both empty: 1; exactly one empty: 0). Equal to the ``dice`` of :func:`slice_metrics`, without HD95."""
+    pred = np.asarray(pred).astype(bool).reshape(len(pred), -1)
+    gt = np.asarray(gt).astype(bool).reshape(len(gt), -1)
+    total = pred.sum(1) + gt.sum(1)
+    inter = (pred & gt).sum(1)
+    return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
+
+
+def volume_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
+    """3-D Dice and HD95 (in the units of ``spacing``, mm) of binary volumes (X, Y, Z).
+
+    Both empty: Dice 1, HD95 0; exactly one empty: Dice 0, HD95 = the volume's diagonal.
+    """
+    pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
+    if pred.shape != gt.shape or pred.ndim != 3:
+        raise ValueError(f"pred {pred.shape} and gt {gt.shape} must both be (X, Y, Z)")
+    if not pred.any() and not gt.any():
+        return 1.0, 0.0
+    if not pred.any() or not gt.any():
+        return 0.0, float(np.sqrt(sum((n * float(s)) ** 2 for n, s in zip(pred.shape, spacing))))
+    dice = float(2.0 * (pred & gt).sum() / (pred.sum() + gt.sum()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        hd = compute_hausdorff_distance(torch.from_numpy(pred)[None, None].float(), torch.from_numpy(gt)[None, None].float(),
+                                        include_background=True, percentile=95, spacing=[float(s) for s in spacing])
+    return dice, float(hd.item())

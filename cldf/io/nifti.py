@@ -123,3 +123,12 @@ def read_case(ds: Mapping[str, Any], case_id: str) -> Case:
         spacing=tuple(float(z) for z in canonical.header.get_zooms()[:3]),  # type: ignore[arg-type]
         ornt=ornt.astype(np.int64),
     )
+
+
+def read_target(ds: Mapping[str, Any], case_id: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The target of one case as stored: bool (X, Y, Z) in the file's own voxel order, and its voxel size
+    in mm. For evaluation in the scan's own geometry only (the mask file alone is read)."""
+    path = case_files(ds, case_id)["seg"]
+    img, seg = _load(path)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return np.isin(seg, list(ds["target_labels"])), zooms  # type: ignore[return-value]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -155,10 +156,26 @@ def compute_cam(
         return normalise_per_slice(_scorecam(model, images, layers[0], scorecam_channels))
     acts, grads = _activations_and_grads(model, images, layers)
     if method == "layercam":
-        per_layer = [normalise_per_slice(_upsample(_layercam(a.float(), g.float()), size)) for a, g in zip(acts, grads)]
-        return torch.stack(per_layer).amax(dim=0)
+        return layercam_per_layer(acts, grads, size).amax(dim=1)
     cam = _CAM_WEIGHTS[method]
     return normalise_per_slice(_upsample(cam(acts[0].float(), grads[0].float()), size))
+
+
+def layercam_per_layer(acts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+    """LayerCAM of each layer, upsampled to ``size`` and min-max normalised per slice: (B, L, H, W)."""
+    maps = [normalise_per_slice(_upsample(_layercam(a.float(), g.float()), size)) for a, g in zip(acts, grads)]
+    return torch.stack(maps, dim=1)
+
+
+def candidate_layers(subsets: Sequence[Sequence[str]]) -> list[str]:
+    """The layers of a grid of layer subsets, each once, in order of first appearance."""
+    return list(dict.fromkeys(layer for subset in subsets for layer in subset))
+
+
+def fuse_layers(per_layer: torch.Tensor | np.ndarray, names: Sequence[str], chosen: Sequence[str]):
+    """Element-wise maximum over the ``chosen`` layers of per-layer maps (B, L, H, W) → (B, H, W)."""
+    index = [list(names).index(name) for name in chosen]
+    return per_layer[:, index].max(axis=1) if isinstance(per_layer, np.ndarray) else per_layer[:, index].amax(dim=1)
 
 
 def positive_probability(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -180,9 +197,13 @@ def gradcampp(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> di
     return {"maps": compute_cam("gradcampp", model, batch.images, settings["layers"])}
 
 
-def layercam(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Registered CAM ``layercam``, max-fused over ``settings["layercam_layers"]``: ``maps`` (B, H, W) in [0, 1]."""
-    return {"maps": compute_cam("layercam", model, batch.images, settings["layercam_layers"])}
+def layercam_layers(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered CAM ``layercam``, per layer: ``layers`` (B, L, H, W) in [0, 1] for every layer of the
+    candidate subsets ``settings["layercam_layers"]`` (:func:`candidate_layers` order). Which subset is fused
+    (element-wise max, :func:`fuse_layers`) is chosen on validation."""
+    names = candidate_layers(settings["layercam_layers"])
+    acts, grads = _activations_and_grads(model, batch.images, names)
+    return {"layers": layercam_per_layer(acts, grads, batch.images.shape[2:])}
 
 
 def scorecam(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -73,6 +73,10 @@ def extract_features(
     return [captured[k].float().reshape(n_t, b, *captured[k].shape[1:]).mean(0) for k in range(len(layers))]
 
 
+NULL_CONDITION = 2
+"""Class index of the CDM's null (unconditional) embedding."""
+
+
 def conditioning_labels(slice_labels: np.ndarray) -> torch.Tensor:
     """CDM class of each slice from its image-level label (1 / -1 -> 1, 0 -> 0): long (B,).
 
@@ -82,14 +86,25 @@ def conditioning_labels(slice_labels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((np.asarray(slice_labels) != 0).astype(np.int64))
 
 
-def features_map(cdm: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Registered map ``features``: ``layer_k`` (B, C_k, h_k, w_k) per tapped layer, at native resolution.
+def diffusion_features(
+    cdm: nn.Module, images: torch.Tensor, classes: torch.Tensor, slice_ids: np.ndarray, seed: int,
+    settings: Mapping[str, Any],
+) -> list[torch.Tensor]:
+    """The CDM's features of a batch under the given classes: one (B, C_k, h_k, w_k) per tapped layer.
 
-    ``settings``: ``timesteps``, ``layers`` (module names of the CDM's decoder blocks). The noise of each
-    slice comes from ``(seed, slice id)`` (:func:`cldf.maps.common.feature_noise`).
+    ``images`` float32 (B, C, H, W) in [-1, 1]; ``classes`` long (B,) (0, 1, or 2 = null); ``settings``:
+    ``timesteps``, ``layers``. The noise of each slice comes from ``(seed, slice id)``
+    (:func:`cldf.maps.common.feature_noise`), so a slice's features do not depend on its batch.
     """
     timesteps = [int(t) for t in settings["timesteps"]]
-    noise = feature_noise(batch.slice_ids, len(timesteps), tuple(batch.images.shape[1:]), batch.seed)
-    labels = conditioning_labels(batch.labels).to(batch.images.device)
-    feats = extract_features(cdm, build_scheduler(), batch.images, labels, timesteps, list(settings["layers"]), noise)
+    noise = feature_noise(slice_ids, len(timesteps), tuple(images.shape[1:]), seed)
+    return extract_features(cdm, build_scheduler(), images, classes.to(images.device), timesteps,
+                            list(settings["layers"]), noise)
+
+
+def features_map(cdm: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Registered map ``features``: ``layer_k`` (B, C_k, h_k, w_k) per tapped layer, at native resolution,
+    conditioned on each slice's image-level label (the decoder's training and validation slices)."""
+    feats = diffusion_features(cdm, batch.images, conditioning_labels(batch.labels), batch.slice_ids, batch.seed,
+                               settings)
     return {f"layer_{k}": f for k, f in enumerate(feats)}

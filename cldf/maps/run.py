@@ -3,8 +3,8 @@
 It reads images and image-level labels through :class:`cldf.store.SliceStore` (never the ground truth),
 calls the map's function (:mod:`cldf.registry`) on ``settings["batch_size"]`` slices at a time and writes
 every batch straight into an :class:`cldf.store.ArrayStoreWriter`, so memory is bounded by the batch size.
-Rows are the shard's slices in increasing global slice id (only the splits the map is registered for); a
-shard without such slices yields a valid store with N = 0.
+Rows are the shard's slices in increasing global slice id (only those the map is registered for,
+:func:`map_rows`); a shard without such slices yields a valid store with N = 0.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cldf.data.splits import feature_rows
+from cldf.maps.cams import fuse_layers
 from cldf.maps.common import Batch
 from cldf.registry import MapMethod
-from cldf.store import ArrayStoreWriter, SliceStore
+from cldf.store import ArrayStoreWriter, MapStore, SliceStore
 
 PathLike = str | os.PathLike
 DTYPES = {"probs": np.float32}
@@ -45,6 +47,35 @@ def _probe(store: SliceStore, device: torch.device, seed: int) -> Batch:
     return Batch(images=images, labels=np.zeros(1, np.int8), slice_ids=np.zeros(1, np.int64), seed=int(seed))
 
 
+def map_rows(store: SliceStore, method: MapMethod, cases: Sequence[int], settings: Mapping[str, Any],
+             seed: int) -> np.ndarray:
+    """The slices of ``cases`` a map is computed for: its registered ``rows``, or ``settings["rows"]``."""
+    ids = store.indices(cases=list(cases))
+    rows = settings.get("rows", method.rows)
+    if rows == "val+test":
+        return np.intersect1d(ids, store.indices(split=["val", "test"]))
+    if rows == "evaluation":
+        wanted = np.union1d(store.indices(split="val", labels=[1]), store.indices(split="test"))
+        return np.intersect1d(ids, wanted)
+    if rows == "decoder":
+        return np.intersect1d(ids, feature_rows(store, int(settings["max_train_slices"]), seed))
+    return ids
+
+
+def fuse_store(per_layer_path: PathLike, names: Sequence[str], chosen: Sequence[str], out: PathLike) -> None:
+    """Write ``maps`` (N, H, W), the element-wise maximum over the ``chosen`` of the layers ``names`` of a
+    per-layer CAM store (``layers`` (N, L, H, W)), streamed in blocks."""
+    store = MapStore(per_layer_path)
+    size = store.group["layers"].shape[-1]
+    arrays = {"slice_ids": ((), np.int64), "maps": ((size, size), np.float16)}
+    attrs = {**store.attrs, "fused_layers": list(chosen)}
+    with ArrayStoreWriter(out, len(store.slice_ids), arrays, attrs) as writer:
+        for start in range(0, len(store.slice_ids), 256):
+            ids = store.slice_ids[start : start + 256]
+            writer.write("slice_ids", start, ids)
+            writer.write("maps", start, fuse_layers(store.read("layers", ids).astype(np.float32), names, chosen))
+
+
 def run_map(
     slices_path: PathLike,
     method: MapMethod,
@@ -64,7 +95,7 @@ def run_map(
     store = SliceStore(slices_path)
     model = model.to(device).eval()
     compute = method.load()
-    ids = store.indices(split=None if method.splits is None else list(method.splits), cases=list(cases))
+    ids = map_rows(store, method, cases, settings, seed)
     probe = compute(model, _probe(store, device, seed), settings)
     shapes = {name: [int(s) for s in value.shape[1:]] for name, value in probe.items()}
     arrays = {"slice_ids": ((), np.int64), **{n: (s, DTYPES.get(n, np.float16)) for n, s in shapes.items()}}

@@ -1,14 +1,14 @@
-"""Baseline masks from saliency maps: CAM methods, the mean-gradient map (MG) and CDM saliency.
+"""Baseline masks: thresholded maps (CAMs, the mean-gradient map, CDM saliency) and a one-channel intensity
+threshold, the floor every method is compared with.
 
-Every baseline goes through the same rule, so the comparison table compares maps, not thresholds:
+Every map goes through the same rule, so the comparison table compares maps, not thresholding habits: per
+slice, foreground = body pixels whose map value is above the map's threshold; the threshold is Otsu's
+over the slice's body pixels (``otsu``) or a fixed value of the [0, 1] map, whichever the validation split
+chose for that map (:mod:`cldf.evaluate.choose`). A map constant inside the body (or an empty body) gives
+an empty mask. The intensity baseline is per-slice Otsu of one image channel inside the body, bright
+(``bright``) or dark (``dark``) side, channel and side chosen on validation.
 
-1. per slice, Otsu's threshold of the map over the *body* pixels (body = brain/body mask computed from
-   the image); foreground = body pixels strictly above the threshold; a map that is constant inside the
-   body (or an empty body) gives an empty mask;
-2. optionally, when a classifier-probability store is given (``probs_path``), slices whose classifier
-   probability of the positive class is below :data:`POSITIVE_PROBABILITY` get an empty mask.
-
-Only image-level information is used: ground-truth masks are never read here.
+Only images, body masks and maps are read here: no label, no ground truth.
 """
 
 from __future__ import annotations
@@ -21,37 +21,31 @@ from skimage.filters import threshold_otsu
 
 from cldf.store import ArrayStoreWriter, MapStore, SliceStore
 
-THRESHOLD_RULES = ("otsu",)
-POSITIVE_PROBABILITY = 0.5
-BASELINE_RULE = (
-    "Baseline masks: per slice, Otsu's threshold of the map computed over the body pixels; foreground = "
-    "body pixels above it (a map constant inside the body gives an empty mask). With a classifier gate, "
-    f"slices whose positive-class probability is below {POSITIVE_PROBABILITY} are left empty."
-)
+POLARITIES = ("bright", "dark")
 
 
-def threshold_map(maps: np.ndarray, body: np.ndarray, rule: str = "otsu") -> np.ndarray:
-    """Binarise saliency maps slice by slice inside the body.
+def threshold_map(maps: np.ndarray, body: np.ndarray, threshold: str | float = "otsu") -> np.ndarray:
+    """Binarise maps slice by slice inside the body.
 
     Parameters
     ----------
     maps
-        Saliency maps, float (B, H, W) (any range; the stores hold [0, 1]).
+        float (B, H, W) maps.
     body
-        Body/brain masks, bool (B, H, W).
-    rule
-        Threshold rule; one of :data:`THRESHOLD_RULES`.
+        bool (B, H, W) body masks.
+    threshold
+        ``"otsu"`` (per slice, over the body pixels) or a number (the same for every slice).
 
     Returns
     -------
-    Masks, bool (B, H, W): body pixels whose map value is above the slice's threshold.
+    bool (B, H, W): body pixels whose map value is above the threshold.
     """
-    if rule not in THRESHOLD_RULES:
-        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLD_RULES}")
     maps = np.asarray(maps, dtype=np.float32)
     body = np.asarray(body, dtype=bool)
     if maps.shape != body.shape or maps.ndim != 3:
         raise ValueError(f"maps {maps.shape} and body {body.shape} must both be (B, H, W)")
+    if threshold != "otsu":
+        return body & (maps > float(threshold))
     out = np.zeros(maps.shape, dtype=bool)
     for b in range(len(maps)):
         values = maps[b][body[b]]
@@ -61,53 +55,40 @@ def threshold_map(maps: np.ndarray, body: np.ndarray, rule: str = "otsu") -> np.
     return out
 
 
+def intensity_map(images: np.ndarray, channel: int, polarity: str) -> np.ndarray:
+    """One image channel as a map (B, H, W), negated for ``dark`` so that the target side is high."""
+    if polarity not in POLARITIES:
+        raise ValueError(f"unknown polarity {polarity!r}; expected one of {POLARITIES}")
+    values = np.asarray(images[:, channel], dtype=np.float32)
+    return values if polarity == "bright" else -values
+
+
 def run_threshold_baseline(
     slices_path: str | os.PathLike,
-    map_path: str | os.PathLike,
+    map_path: str | os.PathLike | None,
     out: str | os.PathLike,
-    slice_ids: Sequence[int] | np.ndarray | None = None,
-    probs_path: str | os.PathLike | None = None,
-    rule: str = "otsu",
+    slice_ids: Sequence[int] | np.ndarray,
+    threshold: str | float = "otsu",
+    intensity: tuple[int, str] | None = None,
     batch_size: int = 64,
 ) -> None:
-    """Write a masks store (``slice_ids`` int64 (N,), ``masks`` uint8 (N, H, W)) from a map store.
+    """Write a masks store (``slice_ids`` int64 (N,), ``masks`` uint8 (N, H, W)) of the slices ``slice_ids``.
 
-    Parameters
-    ----------
-    slices_path
-        The slice store (body masks are read from it).
-    map_path
-        Map store with ``maps`` (N, H, W) in [0, 1].
-    out
-        Path of the masks store to write.
-    slice_ids
-        Global slice ids to segment; default: every slice of the map store, in its order.
-    probs_path
-        Optional classifier-probability store whose ``probs`` (N,) gate the masks (see the module docstring).
-    rule
-        Threshold rule passed to :func:`threshold_map`.
-    batch_size
-        Slices per batch; memory does not grow with the number of slices.
+    The map is ``maps`` of the store at ``map_path``, or, with ``intensity = (channel, polarity)`` and no
+    store, that image channel (then the threshold is Otsu's). Memory does not grow with the number of slices.
     """
     slices = SliceStore(slices_path)
-    maps = MapStore(map_path)
-    gate = MapStore(probs_path) if probs_path is not None else None
-    ids = maps.slice_ids if slice_ids is None else np.asarray(slice_ids, dtype=np.int64)
+    maps = MapStore(map_path) if map_path is not None else None
+    ids = np.asarray(slice_ids, dtype=np.int64)
     size = slices.image_size
-    attrs = {
-        "method": "threshold_baseline",
-        "rule": rule,
-        "source": str(map_path),
-        "gate": str(probs_path) if probs_path is not None else None,
-        "positive_probability": POSITIVE_PROBABILITY,
-        "description": BASELINE_RULE,
-    }
+    attrs = {"source": str(map_path) if map_path else f"intensity {intensity}", "threshold": threshold}
     arrays = {"slice_ids": ((), np.int64), "masks": ((size, size), np.uint8)}
     with ArrayStoreWriter(out, len(ids), arrays, attrs) as writer:
         for start in range(0, len(ids), batch_size):
             batch = ids[start : start + batch_size]
-            masks = threshold_map(maps.read("maps", batch), slices.body(batch), rule)
-            if gate is not None:
-                masks[np.asarray(gate.read("probs", batch)) < POSITIVE_PROBABILITY] = False
+            if maps is not None:
+                values = maps.read("maps", batch)
+            else:
+                values = intensity_map(slices.images(batch), intensity[0], intensity[1])
             writer.write("slice_ids", start, batch)
-            writer.write("masks", start, masks.astype(np.uint8))
+            writer.write("masks", start, threshold_map(values, slices.body(batch), threshold).astype(np.uint8))

@@ -10,19 +10,17 @@ is involved.
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 from tqdm import tqdm
 
-from cldf.segment.baselines import POSITIVE_PROBABILITY
-from cldf.models.decoder import embed_slices
-from cldf.segment.features import feature_dim, iter_feature_batches
+from cldf.models.decoder import PixelDecoder, embed_slices
+from cldf.segment.features import ComputedFeatures, StoredFeatures
 from cldf.segment.train import check_feature_dim, load_decoder
-from cldf.store import ArrayStoreWriter, MapStore, SliceStore
+from cldf.store import ArrayStoreWriter, SliceStore
 
 N_INIT = 3
 
@@ -73,69 +71,66 @@ def cluster_slice(
     return mask
 
 
+def segment_batches(
+    features: StoredFeatures | ComputedFeatures,
+    decoders: Mapping[str, tuple[PixelDecoder, torch.Tensor]],
+    slices: SliceStore,
+    ids: np.ndarray,
+    settings: Mapping[str, Any],
+    seed: int,
+    batch_size: int = 4,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """K-means masks of the slices ``ids`` with every decoder: ``(ids (B,), {name: uint8 (B, H, W)})`` per batch.
+
+    ``decoders`` maps a name to ``(decoder, foreground prototype (E,))``; ``settings``: ``k`` and
+    ``inside_body`` (cluster the body pixels only). The features of a batch are shared by every decoder.
+    """
+    size = slices.image_size
+    k = int(settings["k"])
+    with torch.no_grad():
+        for batch_ids, feats in features.batches(ids, batch_size):
+            region = slices.body(batch_ids) if settings["inside_body"] else np.ones((len(batch_ids), size, size), bool)
+            out = {}
+            for name, (decoder, prototype) in decoders.items():
+                emb = embed_slices(decoder, feats).cpu()
+                out[name] = np.stack([cluster_slice(emb[b], region[b], k, prototype, seed)
+                                      for b in range(len(batch_ids))]).astype(np.uint8)
+            yield batch_ids, out
+
+
 def run_segmentation(
     slices_path: str | os.PathLike,
-    features_path: str | os.PathLike,
-    decoder_path: str | os.PathLike,
-    probs_path: str | os.PathLike | None,
+    features: StoredFeatures | ComputedFeatures,
+    decoder_paths: Mapping[str, str | os.PathLike],
     settings: Mapping[str, Any],
-    cases: Sequence[int] | None,
-    splits: Sequence[str] | None,
+    ids: np.ndarray,
+    segment: np.ndarray,
     out: str | os.PathLike,
     device: torch.device,
     seed: int,
-    batch_size: int = 4,
 ) -> int:
-    """Segment the slices of ``cases`` (all cases when None) in ``splits`` (all splits when None).
+    """Write the masks of the slices ``ids`` (one uint8 (N, H, W) array per decoder) to ``out``.
 
-    Parameters
-    ----------
-    settings
-        ``{k, inside_body, empty_if_classifier_negative}`` (``cldf.cluster`` config section).
-    probs_path
-        Classifier-probability store (``probs`` (N,)) that gates the masks when
-        ``empty_if_classifier_negative`` (probability < :data:`POSITIVE_PROBABILITY` → empty mask); may be None otherwise.
-    out
-        Mask store: ``slice_ids`` int64 (N,), ``masks`` uint8 (N, H, W) (1 = target), written atomically.
-    batch_size
-        Slices embedded at once (bounds memory).
-
-    Returns the number of slices segmented.
+    Only the slices of ``ids`` where ``segment`` (bool (N,)) is set are clustered; the others get empty masks
+    (under the labelled protocol, the slices labelled negative). Returns the number of slices clustered.
     """
     slices = SliceStore(slices_path)
-    ids = slices.indices(split=None if splits is None else list(splits), cases=cases)
-    decoder, checkpoint = load_decoder(decoder_path, device)
-    check_feature_dim(checkpoint, decoder_path, feature_dim(features_path))
-    prototype = checkpoint["prototypes"]["foreground"]
-    k = int(settings["k"])
-    gate = bool(settings["empty_if_classifier_negative"])
-    if gate and probs_path is None:
-        raise ValueError("empty_if_classifier_negative needs the classifier-probability store (--probs)")
-    probs = MapStore(probs_path).read("probs", ids).astype(np.float32) if gate else None
+    decoders = {}
+    for name, path in decoder_paths.items():
+        decoder, checkpoint = load_decoder(path, device)
+        check_feature_dim(checkpoint, path, features.dim)
+        decoders[name] = (decoder, checkpoint["prototypes"]["foreground"])
     size = slices.image_size
-    attrs = {
-        "cluster": dict(settings),
-        "seed": int(seed),
-        "decoder": str(Path(decoder_path).name),
-    }
-    arrays = {"slice_ids": ((), np.int64), "masks": ((size, size), np.uint8)}
-    with ArrayStoreWriter(out, len(ids), arrays, attrs) as writer:
+    arrays = {"slice_ids": ((), np.int64), **{name: ((size, size), np.uint8) for name in decoders}}
+    attrs = {"cluster": dict(settings), "seed": int(seed), "decoders": {n: str(p) for n, p in decoder_paths.items()}}
+    ids = np.asarray(ids, dtype=np.int64)
+    row = {int(sid): r for r, sid in enumerate(ids)}
+    chosen = ids[np.asarray(segment, dtype=bool)]
+    with ArrayStoreWriter(out, len(ids), arrays, attrs) as writer, tqdm(total=len(chosen), desc="segment", unit="slice") as bar:
         writer.write("slice_ids", 0, ids)
-        start = 0
-        batches = iter_feature_batches(features_path, ids, batch_size, size, device)
-        with torch.no_grad(), tqdm(total=len(ids), desc="segment", unit="slice") as bar:
-            for batch_ids, feats in batches:
-                emb = embed_slices(decoder, feats).cpu()
-                if settings["inside_body"]:
-                    region = slices.body(batch_ids)
-                else:
-                    region = np.ones((len(batch_ids), size, size), dtype=bool)
-                masks = np.zeros((len(batch_ids), size, size), dtype=np.uint8)
-                for b in range(len(batch_ids)):
-                    if probs is not None and probs[start + b] < POSITIVE_PROBABILITY:
-                        continue
-                    masks[b] = cluster_slice(emb[b], region[b], k, prototype, seed)
-                writer.write("masks", start, masks)
-                start += len(batch_ids)
-                bar.update(len(batch_ids))
-    return int(len(ids))
+        for batch_ids, masks in segment_batches(features, decoders, slices, chosen, settings, seed):
+            for name, values in masks.items():
+                for b, sid in enumerate(batch_ids):
+                    writer.write(name, row[int(sid)], values[b : b + 1])
+            bar.update(len(batch_ids))
+    return int(len(chosen))

@@ -1,47 +1,48 @@
 """Write slice masks back as one NIfTI volume per case, in the case's original geometry.
 
 The output opens over the original scan in 3D Slicer or ITK-SNAP: same voxel grid, same affine.
-Slices that were dropped during slicing (no body) or that have no mask are zero.
+Slices that were dropped during slicing (no body), slices the classifier gate empties, and slices without
+a mask are zero.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from cldf.atomic import atomic_dir
 from cldf.data.geometry import to_original
 from cldf.store import MapStore, SliceStore
 
 
-def write_case_masks(slices_path: str | os.PathLike, masks_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[Path]:
+def write_case_masks(
+    slices_path: str | os.PathLike,
+    masks_path: str | os.PathLike,
+    array: str,
+    out_dir: str | os.PathLike,
+    probs_path: str | os.PathLike | None = None,
+    gate: float | None = None,
+) -> list[Path]:
     """Write ``<out_dir>/<case>.nii.gz`` for every case that has slices in the masks store.
 
-    Reads the masks store (``slice_ids``, ``masks`` uint8 (N, H, W)) one case at a time; the
-    directory is built under a temporary name and renamed into place when every case is written.
-    Returns the written paths.
+    ``array`` names the masks (uint8 (N, H, W)) in the store; with ``probs_path`` and ``gate``, slices whose
+    classifier probability is below the gate are emptied (the unlabelled protocol). One case at a time;
+    the directory is built under a temporary name and renamed into place when every case is written.
     """
     slices = SliceStore(slices_path)
     masks = MapStore(masks_path)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+    probs = MapStore(probs_path) if probs_path is not None and gate is not None else None
     written = []
-    try:
+    with atomic_dir(out_dir) as tmp:
         for ci in np.unique(slices.case_index[masks.slice_ids]):
             ids = masks.slice_ids[slices.case_index[masks.slice_ids] == ci]
+            values = masks.read(array, ids)
+            if probs is not None:
+                values[probs.read("probs", ids) < gate] = 0
             meta = slices.cases[int(ci)]
-            case_id = meta["id"]
-            image = to_original(masks.read("masks", ids), slices.slice_index[ids], meta)
-            nib.save(image, tmp / f"{case_id}.nii.gz")
-            written.append(out_dir / f"{case_id}.nii.gz")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            nib.save(to_original(values, slices.slice_index[ids], meta), tmp / f"{meta['id']}.nii.gz")
+            written.append(Path(out_dir) / f"{meta['id']}.nii.gz")
     return written

@@ -1,23 +1,29 @@
-"""On-the-fly upsampling of diffusion features stored at their native resolution.
+"""Diffusion features for the decoder, one batch at a time: read from the store, or computed on the fly.
 
 The features store holds one float16 array ``layer_k`` of shape (N, C_k, h_k, w_k) per tapped decoder
-layer. Full-resolution concatenated features are only ever built for one batch of slices, so memory is
-bounded by ``batch_size * D * H * W`` floats whatever the size of the dataset.
+layer, for the decoder's training and validation slices only (:class:`StoredFeatures`). Segmentation,
+pseudo-masks and prediction compute the features of their slices with the frozen CDM as they go and keep
+none (:class:`ComputedFeatures`), under the conditioning of their protocol. Full-resolution concatenated
+features are only ever built for one batch of slices, so memory is bounded by ``batch_size * D * H * W``
+floats whatever the size of the dataset.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cldf.store import MapStore, StoreError
+from cldf.maps.features import NULL_CONDITION, conditioning_labels, diffusion_features
+from cldf.store import MapStore, SliceStore, StoreError
 
 _LAYER = re.compile(r"^layer_(\d+)$")
+CACHE_BYTES = 1 << 30
+"""Features stores up to this size are held in memory while a decoder trains (1 GiB)."""
 
 
 def upsample_features(layers: Sequence[torch.Tensor], size: int) -> torch.Tensor:
@@ -83,3 +89,80 @@ def iter_feature_batches(
         ids = slice_ids[start : start + batch_size]
         layers = [torch.from_numpy(store.read(name, ids)).to(device) for name in names]
         yield ids, upsample_features(layers, size)
+
+
+class StoredFeatures:
+    """Features of the slices of a features store.
+
+    A store smaller than ``cache_bytes`` is read into memory once (it holds the decoder's training and
+    validation slices only, capped by ``features.max_train_slices``), so the epochs of decoder training
+    and the candidates of its tuning do not re-read it; a larger one is read batch by batch.
+    """
+
+    def __init__(self, path: str | os.PathLike, size: int, device: torch.device,
+                 cache_bytes: int = CACHE_BYTES) -> None:
+        self.path, self.size, self.device = path, int(size), device
+        store = MapStore(path)
+        self._names = layer_names(store)
+        self.dim = int(sum(store.group[name].shape[1] for name in self._names))
+        nbytes = sum(store.group[name].nbytes for name in self._names)
+        self._cache = [np.asarray(store.group[name][:]) for name in self._names] if nbytes <= cache_bytes else None
+        self._row = {int(s): r for r, s in enumerate(store.slice_ids)}
+
+    def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """``(ids (B,), features float32 (B, D, H, W) on the device)`` for consecutive batches of ``slice_ids``."""
+        if self._cache is None:
+            yield from iter_feature_batches(self.path, slice_ids, batch_size, self.size, self.device)
+            return
+        slice_ids = np.asarray(slice_ids, dtype=np.int64)
+        for start in range(0, len(slice_ids), batch_size):
+            ids = slice_ids[start : start + batch_size]
+            try:
+                rows = [self._row[int(s)] for s in ids]
+            except KeyError as err:
+                raise StoreError(f"{self.path} has no entry for slice {err.args[0]}") from err
+            layers = [torch.from_numpy(layer[rows]).to(self.device) for layer in self._cache]
+            yield ids, upsample_features(layers, self.size)
+
+
+CONDITIONINGS = ("label", "null_class", "predicted")
+"""CDM class of a slice's features: its image-level label (training, and test slices under the labelled
+protocol), the null class, or the CAM classifier's prediction (p ≥ 0.5): the last two read no label."""
+
+
+class ComputedFeatures:
+    """Features computed by the frozen CDM batch by batch, rounded to float16 like the stored ones.
+
+    ``conditioning`` is one of :data:`CONDITIONINGS`; ``predicted`` needs the classifier-probability store.
+    Only ``label`` reads the slices' image-level labels.
+    """
+
+    def __init__(self, cdm: torch.nn.Module, slices: SliceStore, settings: Mapping[str, Any], conditioning: str,
+                 seed: int, device: torch.device, probs: MapStore | None = None) -> None:
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"unknown conditioning {conditioning!r}; expected one of {CONDITIONINGS}")
+        if conditioning == "predicted" and probs is None:
+            raise ValueError("conditioning 'predicted' needs the classifier-probability store")
+        self.cdm, self.slices, self.settings = cdm.to(device).eval(), slices, settings
+        self.conditioning, self.seed, self.device, self.probs = conditioning, int(seed), device, probs
+        shape = (1, slices.channels, slices.image_size, slices.image_size)
+        probe = diffusion_features(self.cdm, torch.full(shape, -1.0, device=device), torch.zeros(1, dtype=torch.long),
+                                   np.zeros(1, np.int64), self.seed, settings)
+        self.dim = int(sum(f.shape[1] for f in probe))
+
+    def classes(self, ids: np.ndarray) -> torch.Tensor:
+        """CDM class per slice under this conditioning: long (B,)."""
+        if self.conditioning == "label":
+            return conditioning_labels(self.slices.labels[ids])
+        if self.conditioning == "null_class":
+            return torch.full((len(ids),), NULL_CONDITION, dtype=torch.long)
+        return torch.from_numpy((self.probs.read("probs", ids) >= 0.5).astype(np.int64))
+
+    def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """``(ids (B,), features float32 (B, D, H, W) on the device)`` for consecutive batches of ``slice_ids``."""
+        slice_ids = np.asarray(slice_ids, dtype=np.int64)
+        for start in range(0, len(slice_ids), batch_size):
+            ids = slice_ids[start : start + batch_size]
+            images = torch.from_numpy(self.slices.images(ids)).to(self.device)
+            feats = diffusion_features(self.cdm, images, self.classes(ids), ids, self.seed, self.settings)
+            yield ids, upsample_features([f.half() for f in feats], self.slices.image_size)

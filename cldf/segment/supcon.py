@@ -50,12 +50,16 @@ class _LogDenominator(torch.autograd.Function):
         return grad, None
 
 
-def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+REDUCTIONS = ("mean", "sum")
+
+
+def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1, reduction: str = "mean") -> torch.Tensor:
     """Supervised contrastive loss of a set of embeddings.
 
     For each anchor i with at least one positive (another sample of the same label),
     ``L_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t) )``;
-    the loss is the mean of ``L_i`` over those anchors (anchors without a positive are excluded).
+    the loss is the mean (``reduction="mean"``) or, as in the paper's equation 1, the sum (``"sum"``) of
+    ``L_i`` over those anchors (anchors without a positive are excluded).
 
     The positive term is linear in the similarities, so it is computed from per-class embedding sums in
     O(P·E); only the log-denominator needs the (P × P) similarities, computed chunk by chunk
@@ -69,6 +73,8 @@ def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) ->
         long (P,) class labels.
     temperature
         Softmax temperature t > 0.
+    reduction
+        ``mean`` or ``sum`` over the anchors.
 
     Returns
     -------
@@ -78,6 +84,8 @@ def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) ->
         raise ValueError(f"expected emb (P, E) and y (P,), got {tuple(emb.shape)} and {tuple(y.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
     _, cls, counts = torch.unique(y, return_inverse=True, return_counts=True)
     n_pos = counts[cls] - 1  # (P,)
     is_anchor = n_pos > 0
@@ -87,4 +95,5 @@ def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) ->
     class_sums = emb.new_zeros(len(counts), emb.shape[1]).index_add(0, cls, emb)  # (K, E)
     pos_sum = ((emb * class_sums[cls]).sum(1) - (emb * emb).sum(1)) / temperature  # (P,)
     per_anchor = _LogDenominator.apply(emb, float(temperature)) - pos_sum / n_pos.clamp(min=1)
-    return per_anchor[is_anchor].sum() / n_anchors
+    total = per_anchor[is_anchor].sum()
+    return total if reduction == "sum" else total / n_anchors

@@ -8,8 +8,8 @@ background prototypes are accumulated as running sums.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -18,9 +18,10 @@ from tqdm import tqdm
 from cldf.errors import PipelineError
 from cldf.models.checkpoint import CheckpointError, load_checkpoint, model_from_payload, save_checkpoint
 from cldf.models.decoder import PixelDecoder, embed_slices
-from cldf.segment.features import feature_dim, iter_feature_batches
+from cldf.segment.features import StoredFeatures
 from cldf.segment.selection import MODE_MAPS, select_pixels
 from cldf.segment.supcon import supcon_loss
+from cldf.data.splits import training_rows
 from cldf.store import MapStore, SliceStore
 
 CHECKPOINT_KIND = "pixel_decoder"
@@ -35,28 +36,41 @@ def _read_map(store: MapStore | None, ids: np.ndarray) -> torch.Tensor | None:
 
 @dataclass
 class _Source:
-    """Where the decoder's training data comes from: slices, features and the maps of one selection mode."""
+    """Where the decoder's training data comes from: slices, features and the maps of one selection mode.
+
+    The pixel selection of a slice is computed once and kept (bool masks), so later epochs only upsample
+    the features of each batch.
+    """
 
     slices: SliceStore
-    features_path: str | os.PathLike
+    features: StoredFeatures
     cam: MapStore | None
     mg: MapStore | None
     selection: Mapping[str, Any]
     batch_size: int
     device: torch.device
+    _selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def _select(self, ids: np.ndarray) -> None:
+        missing = np.asarray([i for i in ids if int(i) not in self._selected], dtype=np.int64)
+        if len(missing) == 0:
+            return
+        labels = torch.from_numpy(self.slices.labels[missing].astype(np.int64))
+        fg, bg = select_pixels(
+            _read_map(self.cam, missing), _read_map(self.mg, missing), labels, torch.from_numpy(self.slices.body(missing)),
+            mode=self.selection["mode"], rule=self.selection["threshold"], quantile=float(self.selection["quantile"]),
+        )
+        for k, sid in enumerate(missing):
+            self._selected[int(sid)] = (fg[k], bg[k])
 
     def batches(self, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Yield ``(features (B, D, H, W) on device, labels long (B,), fg (B, H, W) bool, bg (B, H, W) bool)``
         for consecutive batches of ``ids``; labels and masks stay on the CPU."""
-        size = self.slices.image_size
-        for batch_ids, feats in iter_feature_batches(self.features_path, ids, self.batch_size, size, self.device):
+        for batch_ids, feats in self.features.batches(ids, self.batch_size):
+            self._select(batch_ids)
             labels = torch.from_numpy(self.slices.labels[batch_ids].astype(np.int64))
-            body = torch.from_numpy(self.slices.body(batch_ids))
-            fg, bg = select_pixels(
-                _read_map(self.cam, batch_ids), _read_map(self.mg, batch_ids), labels, body,
-                mode=self.selection["mode"], rule=self.selection["threshold"],
-                quantile=float(self.selection["quantile"]),
-            )
+            fg = torch.stack([self._selected[int(s)][0] for s in batch_ids])
+            bg = torch.stack([self._selected[int(s)][1] for s in batch_ids])
             yield feats, labels, fg, bg
 
 
@@ -87,7 +101,7 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     source: _Source,
     order: np.ndarray,
-    temperature: float,
+    loss_settings: Mapping[str, Any],
     generator: torch.Generator,
     desc: str,
 ) -> tuple[float | None, int, int]:
@@ -110,7 +124,7 @@ def _train_epoch(
             continue
         x = torch.cat([_pixel_features(feats, fg_index), _pixel_features(feats, bg_index)])
         y = torch.cat([torch.ones(n_fg, dtype=torch.long), torch.zeros(n_bg, dtype=torch.long)]).to(source.device)
-        loss = supcon_loss(decoder(x), y, temperature)
+        loss = supcon_loss(decoder(x), y, float(loss_settings["temperature"]), loss_settings.get("loss", "mean"))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -141,57 +155,55 @@ def _prototypes(decoder: PixelDecoder, source: _Source, ids: np.ndarray) -> tupl
 
 def train_decoder(
     slices_path: str | os.PathLike,
-    features_path: str | os.PathLike,
+    features: StoredFeatures,
     cam_path: str | os.PathLike | None,
     mg_path: str | os.PathLike | None,
     settings: Mapping[str, Any],
-    out: str | os.PathLike,
-    device: torch.device,
+    out: str | os.PathLike | None,
     seed: int,
-    cases: Sequence[int] | None = None,
-) -> dict[str, Any]:
+    cap: int,
+) -> tuple[PixelDecoder, dict[str, Any]]:
     """Train the pixel decoder on the training slices (labels 0/1) and save it with its prototypes.
 
     Parameters
     ----------
-    slices_path, features_path
-        The slice store and the features store (layers at native resolution).
+    slices_path, features
+        The slice store and the features of the decoder's slices (:class:`StoredFeatures`, whose device
+        is the decoder's).
     cam_path, mg_path
         CAM and mean-gradient map stores; the one the selection mode does not use may be None.
     settings
         ``{"selection": {mode, threshold, quantile, max_background, max_foreground},
-        "decoder": {widths, temperature, optimizer, lr, epochs, batch_size}}`` (``cldf:`` config section).
+        "decoder": {widths, temperature, optimizer, lr, loss, epochs, batch_size}}``.
     out
-        Checkpoint path (the format of :mod:`cldf.models.checkpoint`): ``kind`` "pixel_decoder",
-        ``settings`` (``widths`` and the training settings), ``in_channels`` = D, ``state_dict``,
-        ``prototypes`` (``foreground``/``background``: float32 (E,) unit vectors), ``seed``, ``stats``.
-    device, seed
-        Device of the decoder and of the per-batch features; the seed of the initialisation, the slice
-        order of every epoch and the pixel sampling.
-    cases
-        Restrict training to the slices of these case indices (all training cases when None).
+        Checkpoint path (the format of :mod:`cldf.models.checkpoint`), or None to keep it in memory only:
+        ``kind`` "pixel_decoder", ``settings`` (``widths`` and the training settings), ``in_channels`` = D,
+        ``state_dict``, ``prototypes`` (``foreground``/``background``: float32 (E,) unit vectors), ``seed``,
+        ``stats``.
+    seed, cap
+        Seed of the initialisation, the slice order of every epoch and the pixel sampling; at most ``cap``
+        training slices (:func:`training_rows`).
 
     Each epoch visits the training slices in a seeded random order (:func:`_train_epoch`); afterwards the
     prototypes are the normalised mean embeddings of all selected pixels (:func:`_prototypes`).
 
     Returns
     -------
-    Stats: ``loss`` (mean loss per epoch; None for an epoch without a step), ``skipped_batches`` (per
-    epoch), ``steps``, ``n_train_slices``, ``n_foreground_pixels``, ``n_background_pixels`` (selected,
-    over the training set), ``positive_slices_without_foreground``.
+    The decoder (eval mode) and its checkpoint dict; ``stats``: ``loss`` (mean loss per epoch), ``steps``,
+    ``skipped_batches`` (per epoch), ``n_train_slices``, ``n_foreground_pixels``, ``n_background_pixels``,
+    ``positive_slices_without_foreground``.
     """
     selection, dec = settings["selection"], settings["decoder"]
     slices = SliceStore(slices_path)
     used = MODE_MAPS[selection["mode"]]
-    source = _Source(slices, features_path, MapStore(cam_path) if "cam" in used else None,
-                     MapStore(mg_path) if "mg" in used else None, selection, int(dec["batch_size"]), device)
-    ids = slices.indices(split="train", labels=[0, 1], cases=cases)
+    source = _Source(slices, features, MapStore(cam_path) if "cam" in used else None,
+                     MapStore(mg_path) if "mg" in used else None, selection, int(dec["batch_size"]), features.device)
+    ids = training_rows(slices, cap, seed)
     if len(ids) == 0:
         raise PipelineError(f"{slices_path} has no training slice with label 0 or 1")
-    in_dim = feature_dim(features_path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        decoder = PixelDecoder(in_dim, dec["widths"]).to(device)
+        decoder = PixelDecoder(features.dim, dec["widths"]).to(features.device)
     optimizer = _make_optimizer(decoder, dec["optimizer"], float(dec["lr"]))
     generator = torch.Generator().manual_seed(seed)
     order_rng = np.random.default_rng(seed)
@@ -199,8 +211,8 @@ def train_decoder(
     decoder.train()
     for epoch in range(int(dec["epochs"])):
         order = ids[order_rng.permutation(len(ids))]
-        loss, n_skipped, n_steps = _train_epoch(decoder, optimizer, source, order, float(dec["temperature"]),
-                                                generator, f"decoder epoch {epoch + 1}/{dec['epochs']}")
+        loss, n_skipped, n_steps = _train_epoch(decoder, optimizer, source, order, dec, generator,
+                                                f"decoder epoch {epoch + 1}/{dec['epochs']}")
         losses.append(loss)
         skipped.append(n_skipped)
         steps += n_steps
@@ -211,12 +223,14 @@ def train_decoder(
         "n_foreground_pixels": counts["foreground"], "n_background_pixels": counts["background"],
         "positive_slices_without_foreground": counts["positive_slices_without_foreground"],
     }
-    save_checkpoint(out, {
+    checkpoint = {
         "kind": CHECKPOINT_KIND, "settings": {"widths": list(decoder.widths), **_plain(settings)},
-        "in_channels": in_dim, "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
+        "in_channels": features.dim, "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
         "prototypes": prototypes, "seed": int(seed), "stats": stats,
-    })
-    return stats
+    }
+    if out is not None:
+        save_checkpoint(out, checkpoint)
+    return decoder, checkpoint
 
 
 def _plain(value: Any) -> Any:

@@ -3,11 +3,10 @@
 import shlex
 import sys
 
-from cldf.catalogue import SELECTION_DIRS
 from cldf.config import ConfigError, validate_config
 from cldf.io.errors import DataError
 from cldf.plan import MODEL_KINDS, Plan, as_json
-from cldf.registry import MAPS, SEGMENTERS, SELECTION_MAPS
+from cldf.registry import DECODERS, MAPS, SEGMENTERS
 
 
 def stop(message):
@@ -47,21 +46,32 @@ def shard_cases(wildcards):
     return ",".join(str(i) for i in planned(PLAN.shard_cases, wildcards.dataset, wildcards.shard))
 
 
-wildcard_constraints:
-    dataset="[A-Za-z0-9_]+",
-    shard=r"\d+",
-    cam="|".join(m.name for m in PLAN.cams()),
-    model="|".join(MODEL_KINDS),
-    map="|".join(m.store for m in MAPS.values()),
-
 MAPS_BY_STORE = {m.store: m for m in MAPS.values()}
 CONDA_ENV = "../envs/cldf.yaml"
 """The environment of every rule under `--use-conda`; without it the rules run in the current one."""
 
 
-MAP_STORES = {"cam": CAT.pattern("map", map="cams/{cam}"), "mg": CAT.pattern("map", map="mean_gradient")}
+
+def final_cam(wildcards):
+    """The store of the CAM that CLDF starts from (a per-layer CAM is read fused over the chosen layers)."""
+    return PLAN.final_map(wildcards.dataset, MAPS[wildcards.cam])
 
 
-def decoder_maps(mode):
-    """The map stores a selection mode reads, as rule inputs (named like the `cldf decoder` options)."""
-    return {name: MAP_STORES[name] for name in SELECTION_MAPS[mode]}
+MEAN_GRADIENT = CAT.pattern("map", map="mean_gradient")
+PROBS = CAT.pattern("map", map="classifier_probs")
+FEATURES = CAT.pattern("map", map="features")
+SELECTION = CAT.pattern("selection")
+
+
+def row_masks(wildcards):
+    """The mask stores of every row of the comparison table."""
+    return sorted({row["masks"] for row in PLAN.rows(wildcards.dataset)})
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_]+",
+    shard=r"\d+",
+    cam="|".join(m.name for m in PLAN.cams()),
+    model="|".join(MODEL_KINDS),
+    map="|".join(m.store for m in PLAN.maps()),
+    protocol="labelled|unlabelled",

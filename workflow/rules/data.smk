@@ -39,12 +39,13 @@ rule slices_shard:
 
 
 rule slices:
-    """Gather the slice shards, assign the splits from the kept cases, write the manifest and the
-    list of skipped cases."""
+    """Gather the slice shards, assign the splits from the kept cases, keep the test masks apart (only
+    evaluation reads them), write the manifest and the list of skipped cases."""
     input:
         lambda w: shard_paths("slice_shard", w.dataset),
     output:
         store=directory(CAT.pattern("slices")),
+        truth=directory(CAT.pattern("test_truth")),
         manifest=CAT.pattern("slices_csv"),
         skipped=CAT.pattern("skipped_cases"),
     params:
@@ -57,5 +58,5 @@ rule slices:
     conda:
         CONDA_ENV
     shell:
-        "cldf slices-gather --shards {input:q} --out {output.store:q} --manifest {output.manifest:q}"
+        "cldf slices-gather --shards {input:q} --out {output.store:q} --test-truth {output.truth:q} --manifest {output.manifest:q}"
         " --skipped {output.skipped:q} --split {params.split:q} > {log:q} 2>&1"

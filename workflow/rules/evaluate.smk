@@ -1,15 +1,22 @@
-# The comparison table (paper Table 1 / Table 3 shape), the qualitative figure and the report.
+# The comparison table under both protocols, intervals and paired differences, 3-D results, the figure.
 
 
 rule metrics:
     input:
         slices=CAT.pattern("slices"),
-        masks=lambda w: [row["masks"] for row in PLAN.table_rows(w.dataset).values()],
+        truth=CAT.pattern("test_truth"),
+        probs=PROBS,
+        choices=SELECTION,
+        masks=row_masks,
     output:
         table=report(CAT.pattern("metrics"), caption="../report/metrics.rst", category="Results"),
         per_slice=CAT.pattern("metrics_per_slice"),
+        per_case=CAT.pattern("metrics_per_case"),
+        differences=CAT.pattern("differences"),
     params:
-        methods=lambda w: as_json(PLAN.table_rows(w.dataset)),
+        rows=lambda w: as_json(PLAN.rows(w.dataset)),
+        settings=as_json(PLAN.evaluation_settings()),
+        seed=SEED,
     log:
         CAT.log(CAT.pattern("metrics")),
     resources:
@@ -18,23 +25,52 @@ rule metrics:
     conda:
         CONDA_ENV
     shell:
-        "cldf metrics --slices {input.slices:q} --methods {params.methods:q} --out {output.table:q}"
-        " --per-slice {output.per_slice:q} > {log:q} 2>&1"
+        "cldf metrics --slices {input.slices:q} --test-truth {input.truth:q} --probs {input.probs:q}"
+        " --choices {input.choices:q} --rows {params.rows:q} --settings {params.settings:q} --seed {params.seed}"
+        " --out {output.table:q} --per-slice {output.per_slice:q} --per-case {output.per_case:q}"
+        " --differences {output.differences:q} > {log:q} 2>&1"
+
+
+rule metrics_3d:
+    """3-D Dice and HD95 (mm) of every row in each test scan's own geometry, against its original mask file."""
+    input:
+        slices=CAT.pattern("slices"),
+        probs=PROBS,
+        choices=SELECTION,
+        masks=row_masks,
+        raw=lambda w: sorted({p for k in planned(PLAN.shards, w.dataset) for p in planned(PLAN.raw_inputs, w.dataset, k)}),
+    output:
+        CAT.pattern("metrics_3d"),
+    params:
+        rows=lambda w: as_json(PLAN.rows(w.dataset)),
+        dataset=lambda w: as_json(planned(PLAN.dataset, w.dataset)),
+    log:
+        CAT.log(CAT.pattern("metrics_3d")),
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        CONDA_ENV
+    shell:
+        "cldf metrics-3d --slices {input.slices:q} --dataset {params.dataset:q} --probs {input.probs:q}"
+        " --choices {input.choices:q} --rows {params.rows:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule figure:
     input:
         slices=CAT.pattern("slices"),
-        cam=CAT.pattern("map", map=f"cams/{config['cldf']['cam']}"),
-        mg=CAT.pattern("map", map="mean_gradient"),
-        cldf=CAT.pattern("cldf_masks", selection="fused", cam=config["cldf"]["cam"]),
+        truth=CAT.pattern("test_truth"),
+        cam=lambda w: PLAN.final_map(w.dataset, MAPS[config["cldf"]["cam"]]),
+        mg=MEAN_GRADIENT,
+        cldf=CAT.pattern("cldf_masks", cam=config["cldf"]["cam"], protocol="labelled"),
         metrics=CAT.pattern("metrics"),
+        choices=SELECTION,
         baselines=lambda w: PLAN.figure_baselines(w.dataset).values(),
     output:
         report(CAT.pattern("figure"), caption="../report/figure.rst", category="Results"),
     params:
         baselines=lambda w: as_json(PLAN.figure_baselines(w.dataset)),
-        selection=as_json(config["cldf"]["selection"]),
+        settings=as_json(config["cldf"]["selection"]),
     log:
         CAT.log(CAT.pattern("figure")),
     resources:
@@ -43,6 +79,6 @@ rule figure:
     conda:
         CONDA_ENV
     shell:
-        "cldf figure --slices {input.slices:q} --cam {input.cam:q} --mg {input.mg:q} --cldf {input.cldf:q}"
-        " --metrics {input.metrics:q} --baselines {params.baselines:q} --selection {params.selection:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        "cldf figure --slices {input.slices:q} --test-truth {input.truth:q} --cam {input.cam:q} --mg {input.mg:q}"
+        " --cldf {input.cldf:q} --metrics {input.metrics:q} --baselines {params.baselines:q}"
+        " --choices {input.choices:q} --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"

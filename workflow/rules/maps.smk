@@ -1,7 +1,8 @@
-# Cached per-slice maps, one registered map (cldf.registry.MAPS) at a time: the diffusion features, the
-# mean-gradient maps, every CAM, the CAM classifier's probabilities and the CDM saliency. Each is computed
-# by independent shard jobs (groups of cases) and gathered into one Zarr store. A job's params hold only
-# the settings its map depends on, so e.g. switching cldf.cam never recomputes features.
+# Cached per-slice maps, one registered map (cldf.registry.MAPS) at a time: the diffusion features of the
+# decoder's slices, the mean-gradient maps, every CAM, the CAM classifier's probabilities and the CDM
+# saliency. Each is computed by independent shard jobs (groups of cases) and gathered into one Zarr store.
+# A job's params hold only the settings its map depends on, so e.g. switching cldf.cam never recomputes
+# features.
 
 
 rule map_shard:
@@ -11,11 +12,11 @@ rule map_shard:
     output:
         temp(directory(CAT.pattern("map_shard"))),
     params:
-        device=DEVICE,
-        seed=SEED,
         name=lambda w: MAPS_BY_STORE[w.map].name,
         settings=lambda w: as_json(PLAN.map_settings(w.map)),
         cases=shard_cases,
+        device=DEVICE,
+        seed=SEED,
     log:
         CAT.log(CAT.pattern("map_shard")),
     benchmark:
@@ -48,3 +49,26 @@ rule gather_map:
         CONDA_ENV
     shell:
         "cldf gather --shards {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule fuse_cam:
+    """Fuse a per-layer CAM (LayerCAM) over the layers chosen on validation."""
+    input:
+        map=lambda w: CAT.path("map", dataset=w.dataset, map=MAPS[w.cam].store),
+        choices=CAT.pattern("map_choices"),
+    output:
+        directory(CAT.pattern("fused_cam")),
+    params:
+        settings=as_json(PLAN.map_choice_settings()),
+    wildcard_constraints:
+        cam="|".join(m.name for m in PLAN.cams() if m.per_layer) or "-",
+    log:
+        CAT.log(CAT.pattern("fused_cam")),
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        CONDA_ENV
+    shell:
+        "cldf fuse-cam --map {input.map:q} --name {wildcards.cam} --choices {input.choices:q}"
+        " --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"

@@ -1,103 +1,70 @@
-# CLDF proper: fused pixel selection + contrastive pixel decoder, K-means masks (one decoder per selection
-# mode: fused = CLDF, cam and mg = the ablations); the thresholded baselines and the fully supervised upper
-# bound; masks written back as NIfTI.
-
-PROBS = CAT.pattern("map", map="classifier_probs")
+# Masks of the test slices: CLDF and its ablations under both protocols (features computed on the fly by
+# the frozen CDM, conditioned as the protocol allows), the thresholded baselines, the intensity threshold,
+# the fully supervised upper bound; CLDF's masks written back as NIfTI.
 
 
-for _mode in SELECTION_DIRS:
-    _DECODER = CAT.pattern("decoder", selection=_mode)
-    _SHARD = CAT.pattern("cldf_mask_shard", selection=_mode)
-    _MASKS = CAT.pattern("cldf_masks", selection=_mode)
+rule segment_shard:
+    input:
+        slices=CAT.pattern("slices"),
+        cdm=CAT.pattern("model", model="cdm"),
+        decoders=lambda w: PLAN.decoders(w.dataset, w.cam).values(),
+        choices=CAT.pattern("unlabelled_choices"),
+        probs=PROBS,
+    output:
+        temp(directory(CAT.pattern("cldf_mask_shard"))),
+    params:
+        decoders=lambda w: as_json(PLAN.decoders(w.dataset, w.cam)),
+        settings=as_json(PLAN.segment_settings()),
+        cases=shard_cases,
+        device=DEVICE,
+        seed=SEED,
+    log:
+        CAT.log(CAT.pattern("cldf_mask_shard")),
+    benchmark:
+        CAT.benchmark(CAT.pattern("cldf_mask_shard"))
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        CONDA_ENV
+    shell:
+        "cldf segment --slices {input.slices:q} --cdm {input.cdm:q} --decoders {params.decoders:q}"
+        " --protocol {wildcards.protocol} --choices {input.choices:q} --probs {input.probs:q}"
+        " --settings {params.settings:q} --cases {params.cases} --out {output:q}"
+        " --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
 
-    rule:
-        name:
-            f"decoder_{_mode}"
-        input:
-            slices=CAT.pattern("slices"),
-            features=CAT.pattern("map", map="features"),
-            **decoder_maps(_mode),
-        output:
-            _DECODER,
-        params:
-            device=DEVICE,
-            seed=SEED,
-            settings=as_json(PLAN.decoder_settings(_mode)),
-            maps=lambda w, input, mode=_mode: " ".join(f"--{n} {shlex.quote(input[n])}" for n in decoder_maps(mode)),
-        log:
-            CAT.log(_DECODER),
-        benchmark:
-            CAT.benchmark(_DECODER)
-        threads: TRAIN_THREADS
-        resources:
-            mem_mb=6000,
-            runtime=60,
-            gpu=GPU,
-        conda:
-            CONDA_ENV
-        shell:
-            "cldf decoder --slices {input.slices:q} --features {input.features:q} {params.maps}"
-            " --settings {params.settings:q} --out {output:q} --device {params.device} --seed {params.seed} --threads {threads}"
-            " > {log:q} 2>&1"
 
-    rule:
-        name:
-            f"segment_shard_{_mode}"
-        input:
-            slices=CAT.pattern("slices"),
-            features=CAT.pattern("map", map="features"),
-            probs=PROBS,
-            decoder=_DECODER,
-        output:
-            temp(directory(_SHARD)),
-        params:
-            device=DEVICE,
-            seed=SEED,
-            settings=as_json(config["cldf"]["cluster"]),
-            cases=shard_cases,
-        log:
-            CAT.log(_SHARD),
-        benchmark:
-            CAT.benchmark(_SHARD)
-        threads: 1
-        resources:
-            mem_mb=4000,
-            runtime=60,
-        conda:
-            CONDA_ENV
-        shell:
-            "cldf segment --slices {input.slices:q} --features {input.features:q} --decoder {input.decoder:q}"
-            " --probs {input.probs:q} --settings {params.settings:q} --cases {params.cases} --out {output:q}"
-            " --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
-
-    rule:
-        name:
-            f"masks_{_mode}"
-        input:
-            lambda w, mode=_mode: shard_paths("cldf_mask_shard", w.dataset, selection=mode, cam=getattr(w, "cam", "")),
-        output:
-            directory(_MASKS),
-        log:
-            CAT.log(_MASKS),
-        resources:
-            mem_mb=2000,
-            runtime=30,
-        conda:
-            CONDA_ENV
-        shell:
-            "cldf gather --shards {input:q} --out {output:q} > {log:q} 2>&1"
+rule cldf_masks:
+    input:
+        lambda w: shard_paths("cldf_mask_shard", w.dataset, cam=w.cam, protocol=w.protocol),
+    output:
+        directory(CAT.pattern("cldf_masks")),
+    log:
+        CAT.log(CAT.pattern("cldf_masks")),
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        CONDA_ENV
+    shell:
+        "cldf gather --shards {input:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule baseline_masks:
-    """Threshold a CAM, MG or saliency map into masks of the test slices (one rule for all)."""
+    """Threshold a CAM, MG or saliency map (threshold chosen on validation), or one image channel (the
+    intensity row: channel and side chosen on validation), into masks of the test slices."""
     input:
         slices=CAT.pattern("slices"),
-        map=lambda w: CAT.path("map", dataset=w.dataset, map=MAPS[w.baseline].store),
-        probs=PROBS,
+        map=lambda w: [] if w.baseline == "intensity" else PLAN.final_map(w.dataset, MAPS[w.baseline]),
+        choices=CAT.pattern("map_choices"),
     output:
         directory(CAT.pattern("baseline_masks")),
+    params:
+        map=lambda w, input: f"--map {shlex.quote(input.map)}" if input.map else "",
     wildcard_constraints:
-        baseline="|".join(m.name for m in PLAN.baseline_maps()),
+        baseline="|".join([m.name for m in PLAN.baseline_maps()] + ["intensity"]),
     log:
         CAT.log(CAT.pattern("baseline_masks")),
     resources:
@@ -106,7 +73,8 @@ rule baseline_masks:
     conda:
         CONDA_ENV
     shell:
-        "cldf baseline --slices {input.slices:q} --map {input.map:q} --probs {input.probs:q} --out {output:q} > {log:q} 2>&1"
+        "cldf baseline --slices {input.slices:q} {params.map} --name {wildcards.baseline}"
+        " --choices {input.choices:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule fsl_masks:
@@ -118,7 +86,6 @@ rule fsl_masks:
         directory(CAT.pattern("baseline_masks", baseline="fsl_unet")),
     params:
         device=DEVICE,
-        seed=SEED,
     log:
         CAT.log(CAT.pattern("baseline_masks", baseline="fsl_unet")),
     threads: 1
@@ -134,10 +101,12 @@ rule fsl_masks:
 
 
 rule nifti:
-    """CLDF masks of every test case as NIfTI in the case's original geometry."""
+    """CLDF masks of every test case (unlabelled protocol, gated) as NIfTI in the case's original geometry."""
     input:
         slices=CAT.pattern("slices"),
-        masks=CAT.pattern("cldf_masks", selection="fused"),
+        masks=CAT.pattern("cldf_masks", protocol="unlabelled"),
+        probs=PROBS,
+        choices=SELECTION,
     output:
         directory(CAT.pattern("nifti")),
     log:
@@ -148,4 +117,5 @@ rule nifti:
     conda:
         CONDA_ENV
     shell:
-        "cldf nifti --slices {input.slices:q} --masks {input.masks:q} --out {output:q} > {log:q} 2>&1"
+        "cldf nifti --slices {input.slices:q} --masks {input.masks:q} --array CLDF --probs {input.probs:q}"
+        " --choices {input.choices:q} --out {output:q} > {log:q} 2>&1"

@@ -1,0 +1,136 @@
+# Every open choice, made on the validation split (cldf.evaluate.choose): thresholds of the baseline maps,
+# LayerCAM's layers and the intensity channel; CLDF's selection quantile and decoder optimiser (the best
+# candidate decoder is kept); the unlabelled protocol's CDM conditioning and gate. selection.csv gathers them.
+
+
+rule choose_maps:
+    input:
+        slices=CAT.pattern("slices"),
+        maps=lambda w: list(PLAN.choice_maps(w.dataset)[0].values()) + list(PLAN.choice_maps(w.dataset)[1].values()),
+    output:
+        CAT.pattern("map_choices"),
+    params:
+        maps=lambda w: as_json(PLAN.choice_maps(w.dataset)[0]),
+        per_layer=lambda w: as_json(PLAN.choice_maps(w.dataset)[1]),
+        settings=as_json(PLAN.map_choice_settings()),
+    log:
+        CAT.log(CAT.pattern("map_choices")),
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        CONDA_ENV
+    shell:
+        "cldf choose-maps --slices {input.slices:q} --maps {params.maps:q} --per-layer {params.per_layer:q}"
+        " --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule tune_decoder:
+    """Train CLDF's decoder for every candidate of the grid; keep the best on validation."""
+    input:
+        slices=CAT.pattern("slices"),
+        features=FEATURES,
+        cam=final_cam,
+        mg=MEAN_GRADIENT,
+    output:
+        decoder=CAT.pattern("decoder", selection="fused"),
+        rows=CAT.pattern("tuning"),
+    params:
+        settings=as_json(PLAN.tune_settings()),
+        device=DEVICE,
+        seed=SEED,
+    log:
+        CAT.log(CAT.pattern("tuning")),
+    benchmark:
+        CAT.benchmark(CAT.pattern("tuning"))
+    threads: TRAIN_THREADS
+    resources:
+        mem_mb=6000,
+        runtime=120,
+        gpu=GPU,
+    conda:
+        CONDA_ENV
+    shell:
+        "cldf tune --slices {input.slices:q} --features {input.features:q} --cam {input.cam:q} --mg {input.mg:q}"
+        " --settings {params.settings:q} --out {output.decoder:q} --rows-out {output.rows:q}"
+        " --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
+
+
+rule decoder_ablation:
+    """CLDF's decoder trained on the CAM alone or the mean-gradient map alone (the settings chosen for CLDF)."""
+    input:
+        slices=CAT.pattern("slices"),
+        features=FEATURES,
+        cam=final_cam,
+        mg=MEAN_GRADIENT,
+        tuning=CAT.pattern("tuning"),
+    output:
+        CAT.pattern("decoder"),
+    wildcard_constraints:
+        selection="cam|mg",
+    params:
+        settings=as_json(PLAN.tune_settings()),
+        device=DEVICE,
+        seed=SEED,
+    log:
+        CAT.log(CAT.pattern("decoder")),
+    benchmark:
+        CAT.benchmark(CAT.pattern("decoder"))
+    threads: TRAIN_THREADS
+    resources:
+        mem_mb=6000,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        CONDA_ENV
+    shell:
+        "cldf decoder --slices {input.slices:q} --features {input.features:q} --cam {input.cam:q} --mg {input.mg:q}"
+        " --mode {wildcards.selection} --tuning {input.tuning:q} --settings {params.settings:q} --out {output:q}"
+        " --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
+
+
+rule choose_unlabelled:
+    """The CDM conditioning of unlabelled slices and the classifier gate, chosen on validation with CLDF."""
+    input:
+        slices=CAT.pattern("slices"),
+        cdm=CAT.pattern("model", model="cdm"),
+        decoder=CAT.pattern("decoder", selection="fused"),
+        probs=PROBS,
+    output:
+        CAT.pattern("unlabelled_choices"),
+    params:
+        settings=as_json(PLAN.unlabelled_settings()),
+        device=DEVICE,
+        seed=SEED,
+    log:
+        CAT.log(CAT.pattern("unlabelled_choices")),
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        gpu=GPU,
+    conda:
+        CONDA_ENV
+    shell:
+        "cldf choose-unlabelled --slices {input.slices:q} --cdm {input.cdm:q} --decoder {input.decoder:q}"
+        " --probs {input.probs:q} --settings {params.settings:q} --out {output:q}"
+        " --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
+
+
+rule selection:
+    """Every choice made on validation, with the grid it was picked from (choice, value, val_dice, chosen)."""
+    input:
+        CAT.pattern("map_choices"),
+        CAT.pattern("tuning", cam=config["cldf"]["cam"]),
+        CAT.pattern("unlabelled_choices", cam=config["cldf"]["cam"]),
+    output:
+        SELECTION,
+    log:
+        CAT.log(SELECTION),
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        CONDA_ENV
+    shell:
+        "cldf selection --parts {input:q} --out {output:q} > {log:q} 2>&1"
