@@ -1,7 +1,8 @@
 """The artifact catalogue: every file the pipeline writes for a dataset, where it lives, what makes it.
 
 Paths are patterns relative to ``results_dir``; ``{dataset}``, ``{shard}``, ``{model}``, ``{map}``, ``{cam}``,
-``{selection}``, ``{protocol}`` and ``{baseline}`` are wildcards (Snakemake's, in the rules). Rules, the
+``{selection}``, ``{protocol}`` and ``{baseline}`` are wildcards (Snakemake's, in the rules); ``{case}`` and
+``{nnunet_dataset}`` name files that a job writes beside its declared output (a manifest lists them). Rules, the
 experiment plan, the CLI and the tests ask :class:`Catalogue` for paths; no other module spells an
 artifact's file name. Every artifact is written atomically (:mod:`cldf.atomic`); each job also writes a log
 (and, for the heavy ones, a benchmark) whose path :meth:`Catalogue.log` / :meth:`Catalogue.benchmark`
@@ -81,6 +82,30 @@ ARTIFACTS: dict[str, Artifact] = {
         Artifact("metrics_3d", "{dataset}/metrics_3d.csv", "csv", "metrics_3d",
                  "3-D Dice and HD95 (mm) per protocol, method and test case, in the scan's own geometry"),
         Artifact("figure", "{dataset}/figure.png", "png", "figure", "the qualitative figure (paper Fig. 3)"),
+        Artifact("ablation", "{dataset}/ablation.csv", "csv", "ablation",
+                 "CLDF with one lever changed at a time: validation Dice, test Dice with its interval"),
+        Artifact("table2", "{dataset}/table2.csv", "csv", "table2",
+                 "paper Table 2: CLDF with the decoder's features from each network (columns of ablation.csv)"),
+        Artifact("table3", "{dataset}/table3.csv", "csv", "table3",
+                 "paper Table 3: CAM alone, CAM + CL, MG + CL, CAM ∧ MG + CL per CAM (labelled protocol)"),
+        Artifact("labels_check", "{dataset}/labels_check.csv", "csv", "labels_check",
+                 "per case: how often the labels table (labels_csv) disagrees with the masks"),
+        Artifact("pseudo_mask_shard", "{dataset}/shards/pseudo_masks/{shard}.csv", "csv", "pseudo_mask_shard",
+                 "manifest rows of one shard's pseudo-masks (temporary; the NIfTI files go to pseudo_masks/)"),
+        Artifact("pseudo_masks", "{dataset}/pseudo_masks/manifest.csv", "csv", "pseudo_masks",
+                 "case, path, n_slices, n_positive_slices, foreground_voxels of every case's pseudo-mask"),
+        Artifact("pseudo_mask", "{dataset}/pseudo_masks/{case}.nii.gz", "nifti", "pseudo_mask_shard",
+                 "CLDF mask of one case (labelled slices as labelled, the others unlabelled) in its own geometry"),
+        Artifact("nnunet", "{dataset}/nnunet/manifest.csv", "csv", "nnunet",
+                 "case, label, image_0000, ... of the nnU-Net v2 raw dataset beside it"),
+        Artifact("nnunet_raw", "{dataset}/nnunet/{nnunet_dataset}", "nnunet-dir", "nnunet",
+                 "nnU-Net v2 raw dataset Dataset<id>_<name>: imagesTr, labelsTr (the pseudo-masks), dataset.json"),
+        Artifact("predict_shard", "{dataset}/shards/predict/{shard}.csv", "csv", "predict_shard",
+                 "manifest rows of one shard of new scans (temporary; the NIfTI files go to predict/)"),
+        Artifact("predict", "{dataset}/predict/manifest.csv", "csv", "predict",
+                 "case, path, foreground_voxels of the masks of the new scans (predict_root)"),
+        Artifact("prediction", "{dataset}/predict/{case}.nii.gz", "nifti", "predict_shard",
+                 "CLDF mask of one new scan (unlabelled protocol) in its own geometry"),
     ]
 }
 

@@ -83,7 +83,11 @@ def cmd_slices_gather(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from cldf.models.train import train_model
 
-    train_model(args.kind, args.slices, args.settings, Path(args.out), _device(args), args.seed)
+    context = {}
+    for item in args.context:
+        kind, _, path = item.partition("=")
+        context[kind] = _model(path, kind, args).requires_grad_(False)
+    train_model(args.kind, args.slices, args.settings, Path(args.out), _device(args), args.seed, context=context)
 
 
 def cmd_samples(args: argparse.Namespace) -> None:
@@ -104,11 +108,15 @@ def cmd_predict_fsl(args: argparse.Namespace) -> None:
 
 
 def cmd_map(args: argparse.Namespace) -> None:
+    from cldf.config import ConfigError
     from cldf.maps.run import run_map
     from cldf.registry import MAPS
 
     method = MAPS[args.map]
-    model = _model(args.model, method.model, args)
+    if len(args.model) != len(method.models):
+        raise ConfigError(f"map {method.name} reads {len(method.models)} network(s) {method.models}, got {args.model}")
+    nets = {kind: _model(path, kind, args) for kind, path in zip(method.models, args.model)}
+    model = nets[method.models[0]] if isinstance(method.model, str) else nets
     run_map(args.slices, method, model, args.settings, args.cases, args.out, _device(args), args.seed)
 
 
@@ -137,11 +145,13 @@ def cmd_choose_maps(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from cldf.evaluate.choose import tune_decoder, write_rows
-    from cldf.segment.features import StoredFeatures
+    from cldf.segment.features import StoredFeatures, decoder_inputs
     from cldf.store import SliceStore
 
-    features = StoredFeatures(args.features, SliceStore(args.slices).image_size, _device(args))
     s = args.settings
+    slices = SliceStore(args.slices)
+    features = decoder_inputs(StoredFeatures(args.features, slices.image_size, _device(args)), slices,
+                              s["cldf"]["decoder"]["with_image"])
     rows = tune_decoder(args.slices, features, args.cam, args.mg, s["cldf"], s["choices"], args.out, args.seed,
                         int(s["max_train_slices"]))
     write_rows(rows, args.rows_out)
@@ -152,7 +162,7 @@ def cmd_choose_unlabelled(args: argparse.Namespace) -> None:
 
     cdm = _model(args.cdm, "cdm", args)
     s = args.settings
-    rows = choose_unlabelled(args.slices, cdm, args.decoder, args.probs, s["features"], s["cluster"], s["choices"],
+    rows = choose_unlabelled(args.slices, cdm, args.decoder, args.probs, s, _chosen(args.tuning, "decoder"),
                              _device(args), args.seed)
     write_rows(rows, args.out)
 
@@ -163,6 +173,10 @@ def cmd_selection(args: argparse.Namespace) -> None:
     from cldf.evaluate.choose import read_selection, write_rows
 
     frames = [read_selection(p) for p in args.parts]
+    for item in args.tagged:  # choices made for another CAM CLDF starts from: decoder@amecam, ...
+        cam, _, path = item.partition("=")
+        frame = read_selection(path)
+        frames.append(frame.assign(choice=frame.choice + "@" + cam))
     write_rows(pd.concat(frames, ignore_index=True).to_dict("records"), args.out)
 
 
@@ -170,13 +184,15 @@ def cmd_selection(args: argparse.Namespace) -> None:
 
 
 def cmd_decoder(args: argparse.Namespace) -> None:
-    from cldf.evaluate.choose import decoder_settings, read_selection, chosen
-    from cldf.segment.features import StoredFeatures
+    from cldf.evaluate.choose import chosen, decoder_settings, read_selection
+    from cldf.segment.features import StoredFeatures, decoder_inputs
     from cldf.segment.train import train_decoder
     from cldf.store import SliceStore
 
-    features = StoredFeatures(args.features, SliceStore(args.slices).image_size, _device(args))
     s = args.settings
+    slices = SliceStore(args.slices)
+    features = decoder_inputs(StoredFeatures(args.features, slices.image_size, _device(args)), slices,
+                              s["cldf"]["decoder"]["with_image"])
     settings = decoder_settings(s["cldf"], chosen(read_selection(args.tuning), "decoder"), args.mode)
     _, checkpoint = train_decoder(args.slices, features, args.cam, args.mg, settings, args.out, args.seed,
                                   int(s["max_train_slices"]))
@@ -184,8 +200,9 @@ def cmd_decoder(args: argparse.Namespace) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> None:
+    from cldf.evaluate.choose import cluster_settings
     from cldf.segment.cluster import run_segmentation
-    from cldf.segment.features import ComputedFeatures
+    from cldf.segment.features import ComputedFeatures, decoder_inputs
     from cldf.store import MapStore, SliceStore
 
     slices = SliceStore(args.slices)
@@ -194,10 +211,11 @@ def cmd_segment(args: argparse.Namespace) -> None:
         conditioning, segment = "label", slices.labels[ids] != 0
     else:
         conditioning, segment = _chosen(args.choices, "conditioning"), ids >= 0
-    features = ComputedFeatures(_model(args.cdm, "cdm", args), slices, args.settings["features"], conditioning,
-                                args.seed, _device(args), MapStore(args.probs))
-    run_segmentation(args.slices, features, args.decoders, args.settings["cluster"], ids, segment, args.out,
-                     _device(args), args.seed)
+    features = decoder_inputs(ComputedFeatures(_model(args.cdm, "cdm", args), slices, args.settings["features"],
+                                               conditioning, args.seed, _device(args), MapStore(args.probs)),
+                              slices, args.settings["with_image"])
+    cluster = cluster_settings(args.settings["cluster"], _chosen(args.tuning, "decoder"))
+    run_segmentation(args.slices, features, args.decoders, cluster, ids, segment, args.out, _device(args), args.seed)
 
 
 def cmd_baseline(args: argparse.Namespace) -> None:
@@ -244,10 +262,27 @@ def cmd_figure(args: argparse.Namespace) -> None:
                  args.settings, _chosen(args.choices, "decoder"), args.out)
 
 
+def cmd_ablation(args: argparse.Namespace) -> None:
+    from cldf.evaluate.ablation import Ablation, chosen_settings, run_ablation
+
+    s = args.settings
+    base = chosen_settings(s["cldf"], _chosen(args.tuning, "decoder"), s["features"], int(s["max_train_slices"]))
+    networks = {kind: _model(path, kind, args) for kind, path in (item.partition("=")[::2] for item in args.networks)}
+    ablation = Ablation(args.slices, args.test_truth, args.features, networks, {"cam": args.cam, "mg": args.mg},
+                        base, _device(args), args.seed)
+    run_ablation(ablation, s["levers"], args.out, int(s["bootstrap"]))
+
+
+def cmd_table3(args: argparse.Namespace) -> None:
+    from cldf.evaluate.selection_study import selection_table
+
+    selection_table(args.slices, args.test_truth, args.rows, args.out, int(args.settings["bootstrap"]), args.seed)
+
+
 def cmd_tables(args: argparse.Namespace) -> None:
     from cldf.evaluate.report import tables
 
-    sys.stdout.write(tables(args.results))
+    sys.stdout.write(tables(args.results, args.ablation))
 
 
 Command = tuple[Callable[[argparse.Namespace], None], list[tuple[tuple[str, ...], dict[str, Any]]]]
@@ -285,14 +320,16 @@ COMMANDS: dict[str, tuple[str, Command]] = {
         _option("shards", nargs="+"), _OUT, _option("test-truth"), _option("manifest"), _option("skipped"),
         _option("split", **_JSON, help="the dataset's split settings")])),
     "train": ("train one model (cdm, noisy_classifier, cam_classifier, fsl_unet)", (cmd_train, [
-        _option("kind", choices=_model_kinds()), _SLICES, _SETTINGS, _OUT])),
+        _option("kind", choices=_model_kinds()), _SLICES, _SETTINGS, _OUT,
+        (("--context",), {"nargs": "*", "default": [], "help": "frozen networks the training reads, KIND=PATH"})])),
     "samples": ("class-conditional CDM samples as a PNG grid", (cmd_samples, [
         _option("cdm"), (("--n-per-class",), {"type": int, "default": 8}),
         (("--guidance",), {"type": float, "default": 3.0, "help": "classifier-free guidance scale"}), _OUT])),
     "predict-fsl": ("masks of the fully supervised UNet on the test split", (cmd_predict_fsl, [
         _SLICES, _option("model"), _OUT])),
     "map": ("one registered per-slice map (features, gradients, a CAM, ...) of one shard", (cmd_map, [
-        _SLICES, _option("map", choices=_map_names()), _option("model", help="the trained network the map reads"),
+        _SLICES, _option("map", choices=_map_names()),
+        _option("model", nargs="+", help="the trained network(s) the map reads, in the registered order"),
         _SETTINGS, _CASES, _OUT])),
     "gather": ("gather row-aligned shard stores", (cmd_gather, [_option("shards", nargs="+"), _OUT])),
     "fuse-cam": ("fuse a per-layer CAM over the layers chosen on validation", (cmd_fuse_cam, [
@@ -302,14 +339,17 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "tune": ("train CLDF's decoder for every candidate setting, keep the best on validation", (cmd_tune, [
         _SLICES, _option("features"), _option("cam"), _option("mg"), _SETTINGS, _OUT, _option("rows-out")])),
     "choose-unlabelled": ("choose the unlabelled protocol's CDM conditioning and gate on validation", (
-        cmd_choose_unlabelled, [_SLICES, _option("cdm"), _option("decoder"), _option("probs"), _SETTINGS, _OUT])),
-    "selection": ("concatenate the choices into selection.csv", (cmd_selection, [_option("parts", nargs="+"), _OUT])),
+        cmd_choose_unlabelled, [_SLICES, _option("cdm"), _option("decoder"), _option("tuning"), _option("probs"),
+                                _SETTINGS, _OUT])),
+    "selection": ("concatenate the choices into selection.csv", (cmd_selection, [
+        _option("parts", nargs="+"), (("--tagged",), {"nargs": "*", "default": [],
+                                                     "help": "CAM=PATH: choices made for another CAM (choice@CAM)"}), _OUT])),
     "decoder": ("train an ablation decoder with the settings chosen for CLDF", (cmd_decoder, [
         _SLICES, _option("features"), (("--cam",), {"default": None}), (("--mg",), {"default": None}),
         _option("mode", choices=["cam", "mg"]), _option("tuning"), _SETTINGS, _OUT])),
     "segment": ("K-means masks of one shard's test slices under one protocol", (cmd_segment, [
         _SLICES, _option("cdm"), _option("decoders", **_JSON), _option("protocol", choices=["labelled", "unlabelled"]),
-        _CHOICES, _option("probs"), _SETTINGS, _CASES, _OUT])),
+        _CHOICES, _option("tuning"), _option("probs"), _SETTINGS, _CASES, _OUT])),
     "baseline": ("threshold a map (or one image channel) into test masks", (cmd_baseline, [
         _SLICES, (("--map",), {"default": None}), _option("name"), _CHOICES, _OUT])),
     "nifti": ("write test masks back as NIfTI in each case's original geometry", (cmd_nifti, [
@@ -322,9 +362,19 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "figure": ("the qualitative figure (paper Fig. 3)", (cmd_figure, [
         _SLICES, _option("test-truth"), _option("cam"), _option("mg"), _option("cldf"), _option("metrics"),
         _option("baselines", **_JSON, help="method → masks store"), _CHOICES, _SETTINGS, _OUT])),
+    "ablation": ("CLDF with one lever changed at a time (ablation.csv, table2.csv): validation and test Dice", (cmd_ablation, [
+        _SLICES, _option("test-truth"), _option("features"), _option("networks", nargs="+", help="KIND=PATH"),
+        _option("cam"), _option("mg"), _option("tuning"), _SETTINGS, _OUT])),
+    "table3": ("paper Table 3: CAM alone, CAM + CL, MG + CL, CAM ∧ MG + CL per CAM", (cmd_table3, [
+        _SLICES, _option("test-truth"), _option("rows", **_JSON), _SETTINGS, _OUT])),
     "tables": ("print the result tables of results/<dataset> as Markdown", (cmd_tables, [
-        (("results",), {"help": "a dataset's results folder, e.g. results/synthetic"})])),
+        (("results",), {"help": "a dataset's results folder, e.g. results/synthetic"}),
+        (("--ablation",), {"action": "store_true", "help": "print the lever table (ablation.csv) only"})])),
 }
+
+from cldf.cli_own import COMMANDS as OWN_DATA_COMMANDS  # noqa: E402  users' own data (cldf/cli_own.py)
+
+COMMANDS.update(OWN_DATA_COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

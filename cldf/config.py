@@ -59,10 +59,11 @@ def check_config(config: Mapping[str, Any]) -> None:
         )
     if config["default_dataset"] not in config["datasets"]:
         raise ConfigError(f"config key default_dataset: {config['default_dataset']!r} is not a declared dataset")
-    if config["cldf"]["cam"] not in config["cams"]["methods"]:
-        raise ConfigError(
-            f"config key cldf.cam: {config['cldf']['cam']!r} is not in cams.methods {config['cams']['methods']}"
-        )
+    for key, cams in (("cldf.cam", [config["cldf"]["cam"]]), ("cldf.extra_cams", config["cldf"]["extra_cams"]),
+                      ("table3.cams", config["table3"]["cams"])):
+        missing = [c for c in cams if c not in config["cams"]["methods"]]
+        if missing:
+            raise ConfigError(f"config key {key}: {', '.join(map(repr, missing))} is not in cams.methods {config['cams']['methods']}")
     for name, ds in config["datasets"].items():
         if ds["layout"] == "synthetic" and "phantom" not in ds:
             raise ConfigError(f"config key datasets.{name}.phantom: required for layout 'synthetic'")
@@ -70,6 +71,9 @@ def check_config(config: Mapping[str, Any]) -> None:
         if frac >= 1:
             raise ConfigError(f"config key datasets.{name}.split: val_fraction + test_fraction must be < 1")
         _check_normalisation(ds["normalisation"], f"datasets.{name}.normalisation")
+        source = ds.get("selection_from")
+        if source is not None and (source not in config["datasets"] or source == name):
+            raise ConfigError(f"config key datasets.{name}.selection_from: {source!r} is not another declared dataset")
 
 
 def _check_results_dir(results_dir: str) -> None:

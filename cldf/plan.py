@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 from cldf.catalogue import Catalogue
 from cldf.config import dataset_settings, model_settings, resolved_preset
 from cldf.io.layouts import case_files, list_cases
+from cldf.plan_own import OwnData
 from cldf.registry import DECODERS, MAPS, MODEL_KINDS, SEGMENTERS, MapMethod, map_by_store, map_settings
 
 __all__ = ["MODEL_KINDS", "Plan", "as_json"]
@@ -26,8 +27,8 @@ def as_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-class Plan:
-    """What to build for a validated config."""
+class Plan(OwnData):
+    """What to build for a validated config (users' own data: :class:`cldf.plan_own.OwnData`)."""
 
     def __init__(self, config: Mapping[str, Any], lister: Callable[[Mapping[str, Any]], list[str]] = list_cases) -> None:
         self.config = config
@@ -63,13 +64,15 @@ class Plan:
         """What slicing a shard reads: the phantom manifest, or the NIfTI files of the shard's cases.
 
         Under ``on_bad_case: skip`` a case with a missing file lists the files it has: the job skips it.
+        A labels table (``labels_csv``) is an input too, checked when first asked for.
         """
         ds = self.dataset(dataset)
         if ds["layout"] == "synthetic":
-            return [self.catalogue.path("phantom", dataset=dataset)]
+            return [self.catalogue.path("phantom", dataset=dataset), *self.labels_table(dataset)]
         skip = ds["on_bad_case"] == "skip"
         names = self.cases(dataset)
-        return [str(p) for i in self.shard_cases(dataset, shard) for p in case_files(ds, names[i], missing_ok=skip).values()]
+        return [*self.labels_table(dataset),
+                *(str(p) for i in self.shard_cases(dataset, shard) for p in case_files(ds, names[i], missing_ok=skip).values())]
 
     # --- settings each step depends on ----------------------------------------------------------
 
@@ -81,12 +84,17 @@ class Plan:
         method = map_by_store(store)
         settings = map_settings(self.config, method)
         if method.family == "cam":
-            settings["rows"] = "all" if method.name in self.cldf_cams() else "evaluation"
+            settings["rows"] = "all" if method.name in self.decoder_cams() else "evaluation"
         return settings
 
     def cldf_cams(self) -> list[str]:
-        """The CAMs CLDF starts from in this run."""
-        return [self.config["cldf"]["cam"]]
+        """The CAMs CLDF starts from in ``metrics.csv``: ``cldf.cam``, then ``cldf.extra_cams``."""
+        cl = self.config["cldf"]
+        return list(dict.fromkeys([cl["cam"], *cl["extra_cams"]]))
+
+    def decoder_cams(self) -> list[str]:
+        """Every CAM a CLDF decoder may start from: those of ``metrics.csv`` and of Table 3."""
+        return list(dict.fromkeys([*self.cldf_cams(), *self.config["table3"]["cams"]]))
 
     def cldf_settings(self) -> dict[str, Any]:
         """What the decoder's training and clustering depend on besides the tuned choices."""
@@ -97,13 +105,14 @@ class Plan:
     def tune_settings(self) -> dict[str, Any]:
         """Settings of CLDF's decoder tuning (and of the ablation decoders, which reuse its choice)."""
         choices = self.config["choices"]
-        return {"cldf": self.cldf_settings(), "choices": {k: choices[k] for k in ("quantile", "optimizer")},
+        return {"cldf": self.cldf_settings(), "choices": {k: choices[k] for k in ("quantile", "optimizer", "cluster")},
                 "max_train_slices": self.config["features"]["max_train_slices"]}
 
     def segment_settings(self) -> dict[str, Any]:
         """What segmentation with on-the-fly features depends on."""
         features = self.config["features"]
-        return {"features": {k: features[k] for k in ("timesteps", "layers")}, "cluster": self.config["cldf"]["cluster"]}
+        return {"features": {k: features[k] for k in ("timesteps", "layers")}, "cluster": self.config["cldf"]["cluster"],
+                "with_image": self.config["cldf"]["decoder"]["with_image"]}
 
     def unlabelled_settings(self) -> dict[str, Any]:
         choices = self.config["choices"]
@@ -145,24 +154,39 @@ class Plan:
                 for mode, name in DECODERS.items()}
 
     def rows(self, dataset: str) -> list[dict[str, Any]]:
-        """Every row of the comparison table: ``protocol, method, cam, masks, array, gated``."""
-        cam = self.config["cldf"]["cam"]
-        c = self.catalogue
+        """Every row of the comparison table: ``protocol, method, cam, masks, array, gated``.
+
+        Under each protocol: the thresholded maps, then the segmenters; CLDF and its selection ablations
+        once per CAM of :meth:`cldf_cams` (``cam`` names it; ``mg_cl``'s too, as its decoder is tuned with it).
+        """
         rows = []
         for protocol in self.config["evaluate"]["protocols"]:
-            for method in self.baseline_maps():
-                rows.append({"method": method.name, "cam": method.name if method.family == "cam" else "",
-                             "masks": c.path("baseline_masks", dataset=dataset, baseline=method.name), "array": "masks"})
+            rows += [self._map_row(dataset, protocol, method) for method in self.baseline_maps()]
             for name, segmenter in SEGMENTERS.items():
-                if segmenter.selection:
-                    masks = c.path("cldf_masks", dataset=dataset, cam=cam, protocol=protocol)
-                    rows.append({"method": name, "cam": cam if segmenter.uses_cam else "", "masks": masks, "array": name})
-                else:
-                    rows.append({"method": name, "cam": "", "array": "masks",
-                                 "masks": c.path("baseline_masks", dataset=dataset, baseline=name)})
-            for row in rows:
-                row.setdefault("protocol", protocol)
-                row.setdefault("gated", SEGMENTERS[row["method"]].gated if row["method"] in SEGMENTERS else True)
+                if not segmenter.selection:
+                    rows.append({"protocol": protocol, "method": name, "cam": "", "array": "masks", "gated": segmenter.gated,
+                                 "masks": self.catalogue.path("baseline_masks", dataset=dataset, baseline=name)})
+                    continue
+                rows += [self._decoder_row(dataset, protocol, name, cam) for cam in self.cldf_cams()]
+        return rows
+
+    def _map_row(self, dataset: str, protocol: str, method: MapMethod) -> dict[str, Any]:
+        return {"protocol": protocol, "method": method.name, "cam": method.name if method.family == "cam" else "",
+                "masks": self.catalogue.path("baseline_masks", dataset=dataset, baseline=method.name),
+                "array": "masks", "gated": True}
+
+    def _decoder_row(self, dataset: str, protocol: str, segmenter: str, cam: str) -> dict[str, Any]:
+        masks = self.catalogue.path("cldf_masks", dataset=dataset, cam=cam, protocol=protocol)
+        return {"protocol": protocol, "method": segmenter, "cam": cam, "masks": masks, "array": segmenter,
+                "gated": SEGMENTERS[segmenter].gated}
+
+    def table3_rows(self, dataset: str) -> list[dict[str, Any]]:
+        """Rows of Table 3 (selection), labelled protocol: per CAM of ``table3.cams`` the CAM alone, then the
+        decoders of each selection mode (CAM + CL, MG + CL, CAM ∧ MG + CL = CLDF)."""
+        rows = []
+        for cam in self.config["table3"]["cams"]:
+            rows.append(self._map_row(dataset, "labelled", MAPS[cam]))
+            rows += [self._decoder_row(dataset, "labelled", DECODERS[mode], cam) for mode in ("cam", "mg", "fused")]
         return rows
 
     def reference(self) -> dict[str, str]:
@@ -174,11 +198,22 @@ class Plan:
         return {m.name: self.catalogue.path("baseline_masks", dataset=dataset, baseline=m.name)
                 for m in self.baseline_maps()}
 
+    def ablation_settings(self, table: str = "ablation") -> dict[str, Any]:
+        """What a lever table depends on: CLDF's settings, the levers (config key ``table``: ``ablation``
+        or ``table2``), the bootstrap."""
+        features = self.config["features"]
+        levers = self.config[table] if table == "ablation" else self.config[table]["levers"]
+        return {"cldf": self.cldf_settings(), "features": {k: features[k] for k in ("timesteps", "layers")},
+                "max_train_slices": features["max_train_slices"], "levers": levers,
+                "bootstrap": self.config["evaluate"]["bootstrap"]}
+
     def evaluation_settings(self) -> dict[str, Any]:
         return {"reference": self.reference(), "bootstrap": self.config["evaluate"]["bootstrap"]}
 
     def final_targets(self, dataset: str) -> list[str]:
-        """What ``snakemake`` with no target builds for ``dataset``."""
+        """What ``snakemake`` with no target builds for ``dataset`` (without masks: what needs none)."""
+        if not self.has_masks(dataset):
+            return self.without_masks_targets(dataset)
         c, cam = self.catalogue, self.config["cldf"]["cam"]
         names = ["metrics", "metrics_per_case", "differences", "selection", "metrics_3d", "figure", "cdm_samples"]
         return [*(c.path(name, dataset=dataset) for name in names), c.path("nifti", dataset=dataset, cam=cam)]

@@ -18,7 +18,10 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-MODEL_KINDS = ("cdm", "noisy_classifier", "cam_classifier", "fsl_unet")
+METHOD_NETWORKS = {"amecam": (), "seam": (), "dig": ("cdm",)}
+"""Networks of other weakly supervised methods, each in ``cldf/models/<kind>.py`` (``build``, ``training_loss``,
+a model with ``cam`` and ``positive_probability``), with the frozen networks its training reads."""
+MODEL_KINDS = ("cdm", "noisy_classifier", "cam_classifier", "fsl_unet", *METHOD_NETWORKS)
 """The networks the pipeline trains (``cldf train --kind``; checkpoints ``models/<kind>.pt``)."""
 
 PROTOCOLS = ("labelled", "unlabelled")
@@ -45,7 +48,8 @@ class MapMethod:
     family
         ``cam`` (a CAM of the CAM classifier), ``map`` (another saliency map), ``features`` or ``probs``.
     model
-        The trained network it reads (a model kind).
+        The trained network it reads (a model kind), or a tuple of kinds (its function then gets a dict
+        ``{kind: network}``).
     function
         ``"module:function"``; the function maps ``(model, batch, settings)`` to arrays of the batch.
     settings
@@ -62,12 +66,17 @@ class MapMethod:
     name: str
     label: str | None
     family: str
-    model: str
+    model: str | tuple[str, ...]
     function: str
     settings: tuple[str, ...]
     rows: str = "all"
     per_layer: bool = False
     paper: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The model kinds it reads."""
+        return (self.model,) if isinstance(self.model, str) else tuple(self.model)
 
     @property
     def store(self) -> str:
@@ -98,8 +107,11 @@ MAPS: dict[str, MapMethod] = {
                   ("gradient.timesteps", "gradient.reduce", "gradient.batch_size")),
         MapMethod("classifier_probs", None, "probs", _CAM_NET, "cldf.maps.cams:probability_map", ("cams.batch_size",),
                   rows="val+test"),
-        MapMethod("cdm_saliency", "CDM saliency", "map", "cdm", "cldf.maps.saliency:saliency_map",
+        MapMethod("cdm_saliency", "CDM saliency (null-class variant)", "map", "cdm", "cldf.maps.saliency:saliency_map",
                   ("saliency.noise_level", "saliency.ddim_steps", "saliency.batch_size"), rows="evaluation"),
+        MapMethod("cdm_hu", "CDM (Hu et al.)", "map", ("cdm", "noisy_classifier"), "cldf.maps.cdm_hu:cdm_hu_map",
+                  ("cdm_hu.t_start", "cdm_hu.moves", "cdm_hu.guidance_scale", "cdm_hu.perturbation",
+                   "cdm_hu.batch_size"), rows="evaluation"),
         MapMethod("gradcam", "GradCAM", "cam", _CAM_NET, "cldf.maps.cams:gradcam", ("cams.layers", "cams.batch_size")),
         MapMethod("gradcampp", "GradCAM++", "cam", _CAM_NET, "cldf.maps.cams:gradcampp",
                   ("cams.layers", "cams.batch_size")),
@@ -107,6 +119,10 @@ MAPS: dict[str, MapMethod] = {
                   ("cams.layers", "cams.scorecam_channels", "cams.batch_size")),
         MapMethod("layercam", "LayerCAM", "cam", _CAM_NET, "cldf.maps.cams:layercam_layers",
                   ("choices.layercam_layers", "cams.batch_size"), per_layer=True),
+        MapMethod("amecam", "AME-CAM", "cam", "amecam", "cldf.maps.trained:method_map", ("cams.batch_size",)),
+        MapMethod("seam", "SEAM", "map", "seam", "cldf.maps.trained:method_map", ("cams.batch_size",), rows="evaluation"),
+        MapMethod("dig", "DiG", "map", "dig", "cldf.maps.trained:method_map", ("cams.batch_size",), rows="evaluation",
+                  paper={"brats": 0.535}),
     ]
 }
 
@@ -166,9 +182,9 @@ SEGMENTERS: dict[str, Segmenter] = {
     s.name: s
     for s in [
         Segmenter("intensity", "Intensity threshold (one channel)"),
-        Segmenter("CLDF", "CLDF", "fused", paper={"brats": 0.880}),
+        Segmenter("CLDF", "CLDF ({cam})", "fused", paper={"brats": 0.880}),
         Segmenter("cam_cl", "{cam}+CL", "cam"),
-        Segmenter("mg_cl", "MG+CL", "mg"),
+        Segmenter("mg_cl", "MG+CL (tuned with {cam})", "mg"),
         Segmenter("fsl_unet", "FSL UNet (upper bound)", gated=False),
     ]
 }
@@ -180,9 +196,14 @@ def label_of(method: str, cam: str = "") -> str:
     """Printed label of a row of ``metrics.csv`` (``method``, ``cam``)."""
     if method in MAPS:
         return str(MAPS[method].label)
-    cam_label = MAPS[cam].label if cam in MAPS else cam
-    text = SEGMENTERS[method].label.format(cam=cam_label)
-    return f"{text} ({cam_label})" if method == "CLDF" and cam else text
+    text = SEGMENTERS[method].label
+    if not cam:
+        return text.replace(" ({cam})", "")
+    return text.format(cam=MAPS[cam].label if cam in MAPS else cam)
+
+
+FEATURE_SOURCE_PAPER = {"cam_classifier": {"brats": 0.640}, "noisy_classifier": {"brats": 0.760}, "cdm": {"brats": 0.880}}
+"""The paper's Table 2: CLDF's Dice with the decoder's features from each network."""
 
 
 def paper_dice(method: str, family: str) -> float | None:

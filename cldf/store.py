@@ -10,11 +10,13 @@ Layouts
     ``images`` float16 (N, C, H, W), ``body`` uint8 (N, H, W) (brain/body mask computed from the image),
     ``labels`` int8 (N,) (1 positive, 0 negative, -1 ambiguous), ``case_index`` int32 (N,),
     ``slice_index`` int32 (N,), ``split`` uint8 (N,) (codes of :data:`SPLITS`), ``slice_ids`` int64 (N,),
-    ``body_fraction`` float32 (N,), and, in the sub-group ``ground_truth``, ``masks`` uint8 (N, H, W) and
-    ``target_fraction`` float32 (N,) of the training and validation slices (test rows hold zeros and
-    :func:`read_ground_truth` refuses them). Attributes: ``case_ids`` (every case, in order;
-    ``case_index`` points here), ``cases`` (per-case geometry, same order; skipped cases carry
-    ``skipped``), ``modalities``, ``image_size``, ``dataset``.
+    ``body_fraction`` float32 (N,), and, in the sub-group ``ground_truth``, ``masks`` uint8 (N, H, W),
+    ``target_fraction`` float32 (N,) and the mask-derived ``labels`` int8 (N,) of the training and validation
+    slices (test rows hold zeros / -1 and :func:`read_ground_truth` refuses them). Attributes: ``case_ids``
+    (every case, in order; ``case_index`` points here), ``cases`` (per-case geometry, same order; skipped
+    cases carry ``skipped``), ``modalities``, ``image_size``, ``dataset``, ``labels_from`` (the labels table
+    or ``masks``) and ``has_masks`` (false: no ground truth at all, :func:`read_ground_truth` and
+    :class:`TestTruth` refuse).
 ``test_truth.zarr`` (the test truth)
     ``slice_ids`` int64 (M,) of the test slices, ``masks`` uint8 (M, H, W), ``target_fraction`` float32 (M,)
     and ``labels`` int8 (M,) derived from them. Only evaluation takes it as input (:func:`read_test_truth`).
@@ -256,6 +258,13 @@ def _take_rows(array: zarr.Array, idx: Sequence[int] | np.ndarray) -> np.ndarray
     return np.asarray(array.get_orthogonal_selection((idx,) + (slice(None),) * (array.ndim - 1)))
 
 
+def _check_has_masks(group: zarr.Group, path: str | os.PathLike) -> None:
+    """Refuse the ground truth of a dataset without masks (labels from a table, ``has_masks`` false)."""
+    if group.attrs.get("has_masks", True) is False:
+        raise StoreError(f"{path}: the dataset has no masks (its labels come from {group.attrs.get('labels_from')}); "
+                         "this step needs ground-truth masks")
+
+
 def read_ground_truth(path: str | os.PathLike, idx: Sequence[int] | np.ndarray) -> np.ndarray:
     """Ground-truth target masks of training or validation rows ``idx``: uint8 (B, H, W).
 
@@ -263,6 +272,7 @@ def read_ground_truth(path: str | os.PathLike, idx: Sequence[int] | np.ndarray) 
     their masks live in the test truth (:class:`TestTruth`), which only evaluation reads.
     """
     group = open_store(path)
+    _check_has_masks(group, path)
     idx = np.asarray(idx, dtype=np.int64)
     if np.any(np.asarray(group["split"][:])[idx] == SPLITS.index("test")):
         raise StoreError(f"{path}: test masks are not in the slice store; only evaluation reads the test truth")
@@ -279,6 +289,7 @@ class TestTruth:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self._store = MapStore(path)
+        _check_has_masks(self._store.group, path)
         self.slice_ids = self._store.slice_ids
         self.labels = np.asarray(self._store.read("labels", self.slice_ids), dtype=np.int8)
 

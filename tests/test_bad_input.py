@@ -190,6 +190,36 @@ def flare_missing_mask(work: Path) -> str:
     return _dry_run(work, {"datasets": {"flare21_kidney": {"root": "data/flare"}}}, "results/flare21_kidney/metrics.csv")
 
 
+def _labels_table(work: Path, text: str) -> str:
+    """A mask-free BraTS-layout dataset whose labels table is ``text``: the line a pseudo-mask run starts with."""
+    _brats(work)
+    for seg in (work / "data/brats").glob("*/*_seg.nii.gz"):
+        seg.unlink()
+    (work / "data/labels.csv").write_text(text)
+    overrides = {"datasets": {"brats21": {"root": "data/brats", "labels_csv": "data/labels.csv"}}}
+    return _dry_run(work, overrides, "results/brats21/pseudo_masks/manifest.csv")
+
+
+def labels_missing_column(work: Path) -> str:
+    return _labels_table(work, "case,slice\nSynth_000,3\n")
+
+
+def labels_not_binary(work: Path) -> str:
+    return _labels_table(work, "case,slice,label\nSynth_000,3,1\nSynth_000,4,2\n")
+
+
+def labels_unknown_case(work: Path) -> str:
+    return _labels_table(work, "case,slice,label\nSynth_000,3,1\nSynth_007,3,0\n")
+
+
+def labels_slice_out_of_range(work: Path) -> str:
+    return _labels_table(work, "case,slice,label\nSynth_001,8,1\n")
+
+
+def labels_duplicate_row(work: Path) -> str:
+    return _labels_table(work, "case,slice,label\nSynth_000,3,1\nSynth_001,3,0\nSynth_000,3,1\n")
+
+
 def truncated_nifti(work: Path) -> str:
     return _slice_shard(work, _brats(work), _truncate)
 
@@ -286,6 +316,11 @@ CASES: list[tuple[str, Callable[[Path], str]]] = [
     ("dataset root without case folders", root_without_cases),
     ("missing modality file (`on_bad_case: error`)", missing_modality),
     ("FLARE case without its mask (`on_bad_case: error`)", flare_missing_mask),
+    ("labels table (`labels_csv`) without a `label` column", labels_missing_column),
+    ("labels table: a label other than 0 or 1", labels_not_binary),
+    ("labels table: a case the dataset does not have", labels_unknown_case),
+    ("labels table: a slice outside the scan", labels_slice_out_of_range),
+    ("labels table: the same case and slice twice", labels_duplicate_row),
     ("truncated NIfTI", truncated_nifti),
     ("file that is not NIfTI", not_a_nifti),
     ("image and mask shapes differ", shape_mismatch),

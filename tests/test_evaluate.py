@@ -16,6 +16,8 @@ import zarr
 import cldf.store
 from cldf.evaluate.figures import choose_rows, figure_grid, grid_size_pixels
 from cldf.evaluate.metrics import image_diagonal, slice_metrics
+from cldf.evaluate.selection_study import COLUMNS as SELECTION_COLUMNS
+from cldf.evaluate.selection_study import selection_table
 from cldf.evaluate.table import TABLE_COLUMNS, bootstrap_indices, evaluate
 from cldf.segment import baselines
 from cldf.segment.baselines import run_threshold_baseline, threshold_map
@@ -192,6 +194,24 @@ def test_table_rejects_store_missing_test_slices(tmp_path: Path, slices_path: Pa
     with pytest.raises(StoreError, match="has no entry for slice"):
         evaluate(slices_path, truth, probs, 0.5, rows, {"method": "p", "cam": ""}, outputs, 10, 0)
     assert not (tmp_path / "metrics.csv").exists()
+
+
+def test_table3_names_each_selection_and_scores_it(tmp_path: Path, slices_path: Path, truth: Path) -> None:
+    test = SliceStore(slices_path).indices(split="test")
+    gt = _gt(slices_path, test)
+    cam = write_map_store(tmp_path / "cam", test, masks=np.zeros_like(gt))
+    decoders = write_map_store(tmp_path / "decoders", test, CLDF=gt, cam_cl=np.ones_like(gt), mg_cl=np.zeros_like(gt))
+    rows = [{"protocol": "labelled", "method": "gradcam", "cam": "gradcam", "masks": str(cam), "array": "masks",
+             "gated": True}]
+    rows += [{"protocol": "labelled", "method": m, "cam": "gradcam", "masks": str(decoders), "array": m, "gated": True}
+             for m in ("cam_cl", "mg_cl", "CLDF")]
+    table = selection_table(slices_path, truth, rows, tmp_path / "table3.csv", 100, 0)
+    assert list(table.columns) == list(SELECTION_COLUMNS)
+    assert list(table.selection) == ["CAM alone", "CAM + CL", "MG + CL", "CAM ∧ MG + CL"]
+    assert list(table.dice_mean.round(6)) == [0.0, round(float(table.dice_mean[1]), 6), 0.0, 1.0]
+    assert 0 < table.dice_mean[1] < 1 and pd.read_csv(tmp_path / "table3.csv").equals(table)
+    with pytest.raises(ValueError, match="labelled protocol only"):
+        selection_table(slices_path, truth, [{**rows[0], "protocol": "unlabelled"}], tmp_path / "x.csv", 10, 0)
 
 
 # --------------------------------------------------------------------------------------- baselines

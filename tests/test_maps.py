@@ -16,13 +16,16 @@ from monai.visualize import GradCAM, GradCAMpp
 from torch.nn import functional as F
 
 from cldf.maps.cams import compute_cam, positive_probability
-from cldf.maps.common import feature_noise, normalise_per_slice
+from cldf.maps.common import feature_noise
+from cldf.models.tensors import normalise_per_slice
 from cldf.maps.features import extract_features
 from cldf.maps.gradients import mean_gradient
 from cldf.maps.cams import fuse_layers
 from cldf.maps.run import fuse_store, run_map
 from cldf.maps.saliency import cdm_saliency, ddim_timesteps
-from cldf.registry import MAPS
+from cldf.config import load_config
+from cldf.models.builders import build_model
+from cldf.registry import MAPS, METHOD_NETWORKS
 from cldf.maps.common import Batch
 from cldf.store import GROUND_TRUTH, ArrayStoreWriter, MapStore, SliceStore, open_store
 
@@ -343,10 +346,13 @@ def test_run_gradient_cam_saliency_stores(slices_path, tmp_path):
 
 def test_every_registered_cam_runs_through_the_shard_step(slices_path, tmp_path):
     settings = {"layers": ["layer4"], "layercam_layers": [["layer3", "layer4"]], "scorecam_channels": 4, "batch_size": 6}
-    model = _freeze(_resnet())
+    resnet = _freeze(_resnet())
     cams = [m for m in MAPS.values() if m.family == "cam"]
-    assert len(cams) >= 4
+    assert len(cams) >= 5 and any(m.model in METHOD_NETWORKS for m in cams)
+    cpu = load_config()["presets"]["cpu"]
     for method in cams:
+        torch.manual_seed(0)
+        model = resnet if method.model == "cam_classifier" else _freeze(build_model(method.model, cpu[method.model], C))
         run_map(slices_path, method, model, settings, [0, 1], tmp_path / f"{method.name}", torch.device("cpu"), 0)
         maps = open_store(tmp_path / f"{method.name}")["layers" if method.per_layer else "maps"][:].astype(np.float32)
         assert maps.shape[0] == 8 and maps.shape[-2:] == (H, H), method.name
@@ -449,3 +455,27 @@ def test_features_computed_on_the_fly_equal_the_stored_ones(slices_path, tmp_pat
         assert torch.equal(first, again), conditioning
     with pytest.raises(ValueError, match="probability"):
         ComputedFeatures(cdm, slices, settings, "predicted", 3, dev)
+
+
+def test_decoder_features_from_each_network_of_table2(slices_path):
+    """Table 2's feature sources: the CAM classifier's layers on the clean image (no timestep, no class), the
+    noisy classifier's encoder averaged over noise levels, the CDM; every one at the image's resolution."""
+    from cldf.segment.features import ComputedFeatures, WithImage
+
+    dev, slices, ids = torch.device("cpu"), SliceStore(slices_path), np.arange(6)
+    sources = {"cam_classifier": (_resnet(), ["layer1", "layer2"], 16 + 32),
+               "noisy_classifier": (_noisy_classifier(), ["down_blocks.0", "down_blocks.1"], 8 + 16),
+               "cdm": (_cdm(), LAYERS, 24)}
+    feats = {}
+    for name, (model, layers, dim) in sources.items():
+        source = ComputedFeatures(model, slices, {"source": name, "layers": layers, "timesteps": [1, 50]}, "label", 3, dev)
+        assert source.dim == dim, name
+        feats[name] = torch.cat([f for _, f in source.batches(ids, 4)])
+        assert feats[name].shape == (6, dim, H, H) and feats[name].std() > 0, name
+    resnet = sources["cam_classifier"]
+    clean = ComputedFeatures(resnet[0], slices, {"source": "cam_classifier", "layers": resnet[1], "timesteps": [7]},
+                             "null_class", 9, dev)
+    torch.testing.assert_close(torch.cat([f for _, f in clean.batches(ids, 3)]), feats["cam_classifier"])
+    with_image = WithImage(clean, slices)
+    batch = next(with_image.batches(ids, 6))[1]
+    assert with_image.dim == 48 + C and torch.equal(batch[:, 48:], torch.from_numpy(slices.images(ids)))

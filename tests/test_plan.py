@@ -7,9 +7,9 @@ import copy
 import pytest
 
 from cldf.catalogue import ARTIFACTS, Catalogue, wildcards
-from cldf.config import DEFAULT_CONFIG, deep_merge, load_config
+from cldf.config import DEFAULT_CONFIG, ConfigError, check_config, deep_merge, load_config
 from cldf.plan import Plan
-from cldf.registry import MAPS, SEGMENTERS, cam_methods, label_of, map_settings
+from cldf.registry import DECODERS, MAPS, SEGMENTERS, cam_methods, label_of, map_settings
 
 CONFIG = load_config(DEFAULT_CONFIG)
 
@@ -44,20 +44,46 @@ def test_shards_cover_every_case_once() -> None:
 
 
 def test_rows_derive_from_the_registry_and_the_config() -> None:
-    plan = _plan(cams={"methods": ["gradcam", "layercam"]}, cldf={"cam": "gradcam"})
+    plan = _plan(cams={"methods": ["gradcam", "layercam"]}, cldf={"cam": "gradcam", "extra_cams": []})
     rows = plan.rows("synthetic")
-    methods = ["gradcam", "layercam", "mean_gradient", "cdm_saliency", "intensity", "CLDF", "cam_cl", "mg_cl", "fsl_unet"]
+    maps = ["gradcam", "layercam", "mean_gradient", "cdm_saliency", "cdm_hu", "seam", "dig"]
+    methods = [*maps, "intensity", "CLDF", "cam_cl", "mg_cl", "fsl_unet"]
     assert [(r["protocol"], r["method"]) for r in rows] == [(p, m) for p in ("labelled", "unlabelled") for m in methods]
     cldf = [r for r in rows if r["method"] == "CLDF"]
     assert [r["masks"] for r in cldf] == ["results/synthetic/cldf/gradcam/masks_labelled.zarr",
                                           "results/synthetic/cldf/gradcam/masks_unlabelled.zarr"]
     assert all(r["cam"] == "gradcam" and r["array"] == "CLDF" and r["gated"] for r in cldf)
     by = {(r["protocol"], r["method"]): r for r in rows}
-    assert by["labelled", "mg_cl"]["cam"] == "" and by["labelled", "layercam"]["cam"] == "layercam"
+    assert by["labelled", "mg_cl"]["cam"] == "gradcam" and by["labelled", "layercam"]["cam"] == "layercam"
+    assert by["labelled", "cdm_hu"]["cam"] == ""
     assert by["unlabelled", "fsl_unet"]["gated"] is False
     assert by["labelled", "intensity"]["masks"] == "results/synthetic/baselines/intensity/masks.zarr"
     assert len(rows) == 2 * (len(plan.baseline_maps()) + len(SEGMENTERS))
     assert label_of("cam_cl", "gradcam") == "GradCAM+CL" and label_of("CLDF", "gradcam") == "CLDF (GradCAM)"
+    assert label_of("mg_cl", "gradcam") == "MG+CL (tuned with GradCAM)"
+
+
+def test_every_cam_cldf_starts_from_gets_its_own_decoder_rows() -> None:
+    plan = _plan(cams={"methods": ["gradcam", "layercam", "amecam"]},
+                 cldf={"cam": "layercam", "extra_cams": ["amecam"]}, table3={"cams": ["gradcam"]})
+    decoders = [(r["protocol"], r["method"], r["cam"]) for r in plan.rows("d") if r["method"] in DECODERS.values()]
+    assert decoders == [(p, m, c) for p in ("labelled", "unlabelled") for m in ("CLDF", "cam_cl", "mg_cl")
+                        for c in ("layercam", "amecam")]
+    assert plan.cldf_cams() == ["layercam", "amecam"] and plan.decoder_cams() == ["layercam", "amecam", "gradcam"]
+    # Table 3's CAM is computed for every slice (its decoders train on it), not only for evaluation
+    assert plan.map_settings("cams/gradcam")["rows"] == "all"
+    assert [(r["method"], r["cam"], r["protocol"]) for r in plan.table3_rows("d")] == [
+        ("gradcam", "gradcam", "labelled"), ("cam_cl", "gradcam", "labelled"), ("mg_cl", "gradcam", "labelled"),
+        ("CLDF", "gradcam", "labelled")]
+
+
+def test_a_cam_outside_cams_methods_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"config key table3.cams: 'scorecam' is not in cams.methods"):
+        check_config(deep_merge(load_config(), {"cams": {"methods": ["layercam", "amecam"]},
+                                                "table3": {"cams": ["scorecam"]}}))
+    with pytest.raises(ConfigError, match=r"config key cldf.extra_cams: 'gradcam' is not in cams.methods"):
+        check_config(deep_merge(load_config(), {"cams": {"methods": ["layercam"]}, "table3": {"cams": ["layercam"]},
+                                                "cldf": {"extra_cams": ["gradcam"]}}))
 
 
 def test_a_per_layer_cam_is_read_fused() -> None:
@@ -66,7 +92,7 @@ def test_a_per_layer_cam_is_read_fused() -> None:
     assert plan.final_map("d", MAPS["gradcam"]) == "results/d/cams/gradcam.zarr"
     plain, layered = plan.choice_maps("d")
     assert layered == {"layercam": "results/d/cams/layercam_layers.zarr"} and "layercam" not in plain
-    assert set(plain) == {"gradcam", "gradcampp", "scorecam", "mean_gradient", "cdm_saliency"}
+    assert set(plain) == {"gradcam", "gradcampp", "scorecam", "amecam", "mean_gradient", "cdm_saliency", "cdm_hu", "seam", "dig"}
 
 
 def test_default_target_builds_every_evaluation_file() -> None:
@@ -84,7 +110,7 @@ def test_each_step_gets_only_the_settings_it_depends_on() -> None:
     assert plan.map_settings("cams/layercam_layers")["rows"] == "all"  # CLDF starts from LayerCAM
     assert plan.map_settings("cams/scorecam")["rows"] == "evaluation"  # a baseline only
     assert set(plan.map_settings("features")) == {"timesteps", "layers", "batch_size", "max_train_slices"}
-    assert set(plan.tune_settings()["choices"]) == {"quantile", "optimizer"}
+    assert set(plan.tune_settings()["choices"]) == {"quantile", "optimizer", "cluster"}
     assert set(plan.unlabelled_settings()["choices"]) == {"conditioning", "gate"}
     changed = _plan(choices={"layercam_layers": [["layer2"]]})
     for name in cam_methods():

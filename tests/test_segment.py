@@ -319,9 +319,10 @@ def test_cluster_slice_degenerate_and_region():
     emb = torch.nn.functional.normalize(emb, dim=0)
     body = torch.zeros(6, 6, dtype=torch.bool)
     body[0, 0] = True
-    assert not cluster_slice(emb, body, 2, torch.tensor([0.0, 1.0]), 0).any()  # fewer pixels than k
+    prototypes = (torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]))  # foreground, background
+    assert not cluster_slice(emb, body, 2, prototypes, 0).any()  # fewer pixels than k
     body[:4, :4] = True
-    mask = cluster_slice(emb, body, 2, torch.tensor([0.0, 1.0]), 0)
+    mask = cluster_slice(emb, body, 2, prototypes, 0)
     expected = np.zeros((6, 6), dtype=bool)
     expected[1:3, 1:3] = True
     assert np.array_equal(mask, expected)

@@ -67,7 +67,8 @@ def test_a_method_is_named_by_its_registration_and_its_function_only() -> None:
 def test_schema_enum_of_cam_methods_is_the_registry() -> None:
     config = load_config(DEFAULT_CONFIG)
     for method in cam_methods():
-        validate_config(deep_merge(copy.deepcopy(config), {"cams": {"methods": [method]}, "cldf": {"cam": method}}))
+        validate_config(deep_merge(copy.deepcopy(config), {"cams": {"methods": [method]}, "cldf": {"cam": method, "extra_cams": []},
+                                                              "table3": {"cams": [method]}}))
     with pytest.raises(ConfigError, match="cams.methods"):
         validate_config(deep_merge(copy.deepcopy(config), {"cams": {"methods": ["ablationcam"]}}))
 
@@ -97,3 +98,25 @@ def test_every_schema_key_is_read_somewhere() -> None:
         if not quoted and not passed_on:
             unread.append(key)
     assert unread == []
+
+
+def _gpu_rules() -> set[str]:
+    """Rules whose resources ask for the `gpu` resource (`gpu=GPU`), and the rules derived from them."""
+    gpu, derived = set(), {}
+    for path in sorted((REPO / "workflow/rules").glob("*.smk")):
+        text = path.read_text()
+        for block in re.split(r"\n(?=rule |use rule )", text):
+            head = block.split("\n", 1)[0]
+            if m := re.match(r"use rule (\w+) as (\w+)", head):
+                derived[m.group(2)] = m.group(1)
+            elif (m := re.match(r"rule (\w+):", head)) and re.search(r"^\s+gpu=GPU\b", block, re.M):
+                gpu.add(m.group(1))
+    return gpu | {new for new, base in derived.items() if base in gpu}
+
+
+def test_every_gpu_rule_goes_to_the_gpu_partition_of_the_cluster_profile() -> None:
+    profile = yaml.safe_load((REPO / "profiles/slurm/config.yaml").read_text())["set-resources"]
+    rules = _gpu_rules()
+    assert {"train_model", "map_shard", "segment_shard", "ablation", "table2"} <= rules
+    missing = sorted(r for r in rules if "gpu_partition" not in str(profile.get(r, {}).get("slurm_partition", "")))
+    assert not missing, f"GPU rules without a GPU partition in profiles/slurm/config.yaml: {missing}"

@@ -23,11 +23,14 @@ def test_dry_run_of_default_target_plans_every_stage(tmp_path: Path) -> None:
                  "cldf_masks", "baseline_masks", "fsl_masks", "nifti", "metrics", "metrics_3d", "figure",
                  "cdm_samples"]:
         assert jobs.get(rule, 0) >= 1, f"rule {rule} missing from the plan: {jobs}"
-    assert jobs["train_model"] == 4 and jobs["decoder_ablation"] == 2
-    n_maps = 4 + 4  # features, gradients, probabilities, saliency + the four configured CAMs
+    # the CDM, two classifiers, the fully supervised UNet, and AME-CAM's, SEAM's and DiG's networks
+    assert jobs["train_model"] == 4 + 3
+    assert jobs["decoder_ablation"] == 2  # CAM alone, MG alone
+    # features, gradients, probabilities, CDM saliency, CDM (Hu et al.), SEAM, DiG + the five configured CAMs
+    n_maps = 7 + 5
     assert jobs["map_shard"] == n_maps * jobs["slices_shard"] and jobs["gather_map"] == n_maps
     assert jobs["segment_shard"] == 2 * jobs["slices_shard"]  # both protocols
-    assert jobs["baseline_masks"] == 4 + 2 + 1  # the CAMs, MG, CDM saliency, the intensity threshold
+    assert jobs["baseline_masks"] == 5 + 5 + 1  # the CAMs; MG, the two CDM saliencies, SEAM, DiG; intensity
 
 
 def test_config_typo_names_the_key(tmp_path: Path) -> None:
@@ -93,7 +96,7 @@ def test_slurm_profile_plans_shard_jobs_with_their_resources(tmp_path: Path) -> 
             rule = line[5:].rstrip(":")
         elif line.strip().startswith("resources:") and rule:
             resources.setdefault(rule, []).append(line)
-    assert len(resources["map_shard"]) == 8 * len(resources["slices_shard"]) >= 16  # one job per map and shard
+    assert len(resources["map_shard"]) == 12 * len(resources["slices_shard"]) >= 24  # one job per map and shard
     for line in resources["train_model"]:
         assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=2" in line and "cpus_per_task=8" in line
     gpu_rules = ["map_shard", "tune_decoder", "decoder_ablation", "segment_shard", "choose_unlabelled", "fsl_masks"]

@@ -7,7 +7,10 @@ compute the body mask from the image, drop slices with too little body, and labe
 Image-level label of a slice (from the ground truth, the only weak label the methods see):
 ``target_fraction`` = target voxels of the slice / S² where S × S is the padded square slice at the
 original resolution (so labels do not depend on ``image_size``); 1 if ``target_fraction >
-positive_min_fraction``, 0 if the target is absent, -1 (ambiguous) otherwise.
+positive_min_fraction``, 0 if the target is absent, -1 (ambiguous) otherwise. With a labels table
+(``labels_csv``, :mod:`cldf.io.labels`) the labels are the table's instead (-1: not listed, kept whatever
+``ambiguous_slices`` says); masks are then optional, and where a case has one, how often the table
+disagrees with it is recorded in the case's ``labels_check`` entry.
 
 Extra arrays beside the documented layout: ``body_fraction`` float32 (N,) (from the image) and
 ``ground_truth/target_fraction`` float32 (N,) (ground truth, so kept under ``ground_truth``); they
@@ -33,6 +36,7 @@ from cldf.atomic import atomic_file, make_owned_dir, remove_stale_temporaries, t
 from cldf.data.geometry import pad_to_square, resize_images, resize_masks, square_padding
 from cldf.data.splits import assign_splits
 from cldf.io.errors import DataError
+from cldf.io.labels import canonical_labels, labels_path, load_labels
 from cldf.io.nifti import Case, read_case
 from cldf.store import GROUND_TRUTH, SPLITS, ArrayStoreWriter, open_store
 
@@ -55,6 +59,7 @@ def slice_arrays(channels: int, image_size: int, with_split: bool = True) -> dic
         "body_fraction": ((), np.float32),
         f"{GROUND_TRUTH}/masks": ((s, s), np.uint8),
         f"{GROUND_TRUTH}/target_fraction": ((), np.float32),
+        f"{GROUND_TRUTH}/labels": ((), np.int8),
     }
     if not with_split:
         del specs["split"]
@@ -100,14 +105,29 @@ def slice_labels(target_fraction: np.ndarray, positive_min_fraction: float) -> n
     return labels
 
 
-def _case_slices(ds: Mapping[str, Any], case: Case) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Slices of one case that are kept, as arrays with first axis M, and the case's geometry."""
+def labels_check(table: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+    """How a labels table (int8 (Z,), -1 unlisted) compares with the mask-derived labels of the same slices."""
+    listed = table != -1
+    return {"listed": int(listed.sum()), "agree": int(np.sum(listed & (table == truth))),
+            "table_1_mask_0": int(np.sum(listed & (table == 1) & (truth == 0))),
+            "table_0_mask_1": int(np.sum(listed & (table == 0) & (truth == 1))),
+            "mask_ambiguous": int(np.sum(listed & (truth == -1)))}
+
+
+def _case_slices(
+    ds: Mapping[str, Any], case: Case, table: np.ndarray | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Slices of one case that are kept, as arrays with first axis M, and the case's geometry.
+
+    ``table``: the case's labels from a labels table, int8 (Z,) in canonical z order (-1: not listed).
+    """
     size = int(ds["image_size"])
     norm = normalise(case.image, ds["normalisation"])
-    cx, cy, cz = case.seg.shape
+    cx, cy, cz = case.image.shape[1:]
     square, pad = square_padding((cx, cy))
     norm = pad_to_square(norm, square, pad, -1.0)
-    target = pad_to_square(np.isin(case.seg, ds["target_labels"]).astype(np.uint8), square, pad, 0)
+    seg = np.zeros((cx, cy, cz), np.uint8) if case.seg is None else case.seg
+    target = pad_to_square(np.isin(seg, ds["target_labels"]).astype(np.uint8), square, pad, 0)
     target_fraction = target.sum(axis=(0, 1)).astype(np.float64) / float(square * square)
 
     images, masks = [], []
@@ -118,10 +138,12 @@ def _case_slices(ds: Mapping[str, Any], case: Case) -> tuple[dict[str, np.ndarra
     images_all = np.concatenate(images)
     body = body_masks(images_all)
     body_fraction = body.mean(axis=(1, 2))
-    labels = slice_labels(target_fraction, float(ds["positive_min_fraction"]))
+    truth = slice_labels(target_fraction, float(ds["positive_min_fraction"])) if case.seg is not None else \
+        np.full(cz, -1, np.int8)
+    labels = truth if table is None else table
 
     keep = body_fraction >= float(ds["min_body_fraction"])
-    if ds["ambiguous_slices"] == "drop":
+    if ds["ambiguous_slices"] == "drop" and table is None and case.seg is not None:
         keep &= labels != -1
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
@@ -137,6 +159,7 @@ def _case_slices(ds: Mapping[str, Any], case: Case) -> tuple[dict[str, np.ndarra
         "body_fraction": body_fraction[kept].astype(np.float32),
         f"{GROUND_TRUTH}/masks": np.concatenate(masks)[kept],
         f"{GROUND_TRUTH}/target_fraction": target_fraction[kept].astype(np.float32),
+        f"{GROUND_TRUTH}/labels": truth[kept],
     }
     meta = {
         "shape": [int(s) for s in case.shape],
@@ -152,11 +175,15 @@ def _case_slices(ds: Mapping[str, Any], case: Case) -> tuple[dict[str, np.ndarra
         "n_positive": int(np.sum(labels[kept] == 1)),
         "n_negative": int(np.sum(labels[kept] == 0)),
         "n_ambiguous": int(np.sum(labels[kept] == -1)),
+        "has_mask": case.seg is not None,
     }
+    if table is not None and case.seg is not None:
+        meta["labels_check"] = labels_check(table, truth)
     return arrays, meta
 
 
 def _store_attrs(ds: Mapping[str, Any], all_case_ids: Sequence[str], cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """``labels_from``: the labels table, or ``masks``; ``has_masks``: every kept case has a mask."""
     return {
         "dataset": ds["name"],
         "layout": ds.get("layout", ""),
@@ -164,26 +191,43 @@ def _store_attrs(ds: Mapping[str, Any], all_case_ids: Sequence[str], cases: list
         "image_size": int(ds["image_size"]),
         "case_ids": list(all_case_ids),
         "cases": cases,
+        "labels_from": str(ds.get("labels_csv") or "masks"),
+        "has_masks": all(m.get("has_mask", True) for m in cases if "skipped" not in m),
     }
+
+
+def slice_case(ds: Mapping[str, Any], case_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read, check and slice one case without a labels table (new scans: every slice is labelled -1
+    when the case has no mask); arrays of the kept slices and the case's geometry (:func:`_case_slices`)."""
+    arrays, meta = _case_slices(ds, read_case(ds, case_id))
+    return arrays, {"id": case_id, **meta}
 
 
 def _buffer_name(k: int, name: str) -> str:
     return f"{k}-{name.replace('/', '.')}.npy"
 
 
+def _read_and_slice(ds: Mapping[str, Any], case_id: str, tables: Mapping[str, Mapping[int, int]] | None):
+    case = read_case(ds, case_id)
+    table = None if tables is None else canonical_labels(tables.get(case_id, {}), case.image.shape[3], case.ornt)
+    return _case_slices(ds, case, table)
+
+
 def _slice_cases(
-    ds: Mapping[str, Any], case_ids: list[str], index: Mapping[str, int], buffers: Path
+    ds: Mapping[str, Any], case_ids: list[str], index: Mapping[str, int], buffers: Path,
+    tables: Mapping[str, Mapping[int, int]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
     """Read, check and slice each case into ``buffers``: per-case metadata and slice counts.
 
     A bad case raises (``on_bad_case: error``) or is recorded with ``"skipped": reason`` (``skip``).
+    ``tables``: the labels table (:func:`cldf.io.labels.load_labels`), or None when labels come from masks.
     """
     metas: list[dict[str, Any]] = []
     counts: list[int] = []
     for case_id in tqdm(case_ids, desc="slicing", unit="case"):
         meta: dict[str, Any] = {"id": case_id, "index": index[case_id]}
         try:
-            arrays, geometry = _case_slices(ds, read_case(ds, case_id))
+            arrays, geometry = _read_and_slice(ds, case_id, tables)
         except DataError as err:
             if ds["on_bad_case"] == "error":
                 raise
@@ -214,9 +258,10 @@ def build_shard(ds: Mapping[str, Any], case_ids: list[str], all_case_ids: list[s
         raise DataError(f"case(s) {missing} are not among the dataset's cases")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)
+    tables = load_labels(ds, all_case_ids, only=case_ids) if labels_path(ds) is not None else None
     buffers = make_owned_dir(temporary_sibling(out, "buffers"))
     try:
-        metas, counts = _slice_cases(ds, case_ids, index, buffers)
+        metas, counts = _slice_cases(ds, case_ids, index, buffers, tables)
         specs = slice_arrays(len(ds["modalities"]), ds["image_size"], with_split=False)
         with ArrayStoreWriter(out, sum(counts), specs, _store_attrs(ds, all_case_ids, metas)) as writer:
             start = 0
@@ -317,6 +362,7 @@ def gather(
     for meta in cases:
         if "skipped" in meta:
             LOG.warning("case %s was skipped: %s", meta["id"], meta["skipped"])
+    _log_labels_check(ref.get("labels_from", "masks"), cases)
     case_index = np.concatenate([np.asarray(s["case_index"][:], dtype=np.int64) for s in shards])
     slice_index = np.concatenate([np.asarray(s["slice_index"][:], dtype=np.int64) for s in shards])
     owner = np.concatenate([np.full(s["labels"].shape[0], k) for k, s in enumerate(shards)])
@@ -327,6 +373,17 @@ def gather(
     columns = _write_gathered(shards, rows, ref, cases, out, test_truth_out)
     write_skipped_cases(cases, skipped_csv)
     _write_manifest(ref["case_ids"], case_index[order], slice_index[order], columns, manifest_csv)
+
+
+def _log_labels_check(labels_from: str, cases: Sequence[Mapping[str, Any]]) -> None:
+    """One line: how often the labels table disagrees with the masks (cases with a mask only)."""
+    checks = [m["labels_check"] for m in cases if "labels_check" in m]
+    if labels_from == "masks" or not checks:
+        return
+    listed, agree = sum(c["listed"] for c in checks), sum(c["agree"] for c in checks)
+    LOG.warning("labels table %s disagrees with the masks on %d of %d listed slices (%.1f %%) of %d case(s) with a "
+                "mask; the table wins (per case: labels_check.csv)", labels_from, listed - agree, listed,
+                100.0 * (listed - agree) / max(listed, 1), len(checks))
 
 
 @dataclass
@@ -353,16 +410,19 @@ def _write_gathered(
 
     Returns the per-row columns the manifest needs (labels, split, body and target fractions).
     """
+    labels_from = ref.get("labels_from", "masks")
     ds_like = {"name": ref["dataset"], "layout": ref.get("layout", ""), "modalities": ref["modalities"],
-               "image_size": ref["image_size"]}
+               "image_size": ref["image_size"], "labels_csv": None if labels_from == "masks" else labels_from}
     size = int(ref["image_size"])
     specs = slice_arrays(len(ref["modalities"]), size)
     test_rows = np.flatnonzero(rows.split == TEST)
     truth_specs = {"slice_ids": ((), np.int64), "masks": ((size, size), np.uint8), "labels": ((), np.int8),
                    "target_fraction": ((), np.float32)}
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("labels", "split", "body_fraction", "target_fraction")}
-    with ArrayStoreWriter(out, len(rows.owner), specs, _store_attrs(ds_like, ref["case_ids"], cases)) as writer, \
-            ArrayStoreWriter(test_truth_out, len(test_rows), truth_specs, {"dataset": ref["dataset"]}) as truth:
+    attrs = _store_attrs(ds_like, ref["case_ids"], cases)
+    truth_attrs = {"dataset": ref["dataset"], "has_masks": attrs["has_masks"]}
+    with ArrayStoreWriter(out, len(rows.owner), specs, attrs) as writer, \
+            ArrayStoreWriter(test_truth_out, len(test_rows), truth_specs, truth_attrs) as truth:
         written = 0
         for start, length, k, lo in _runs(rows.owner, rows.local, Z_CHUNK):
             block = {name: np.asarray(shards[k][name][lo : lo + length]) for name in specs if name not in ("slice_ids", "split")}
@@ -372,11 +432,12 @@ def _write_gathered(
                 n = int(is_test.sum())
                 truth.write("slice_ids", written, np.arange(start, start + length)[is_test])
                 truth.write("masks", written, block[f"{GROUND_TRUTH}/masks"][is_test])
-                truth.write("labels", written, block["labels"][is_test])
+                truth.write("labels", written, block[f"{GROUND_TRUTH}/labels"][is_test])
                 truth.write("target_fraction", written, block[f"{GROUND_TRUTH}/target_fraction"][is_test])
                 written += n
                 block[f"{GROUND_TRUTH}/masks"] = np.where(is_test[:, None, None], 0, block[f"{GROUND_TRUTH}/masks"])
                 block[f"{GROUND_TRUTH}/target_fraction"] = np.where(is_test, 0, block[f"{GROUND_TRUTH}/target_fraction"])
+                block[f"{GROUND_TRUTH}/labels"] = np.where(is_test, -1, block[f"{GROUND_TRUTH}/labels"])
             for name, values in {**block, "split": split}.items():
                 writer.write(name, start, values)
             for key, name in (("labels", "labels"), ("split", "split"), ("body_fraction", "body_fraction"),

@@ -30,8 +30,8 @@ from cldf.evaluate.metrics import dice_scores
 from cldf.maps.cams import candidate_layers, fuse_layers
 from cldf.models.checkpoint import save_checkpoint
 from cldf.segment.baselines import POLARITIES, intensity_map, threshold_map
-from cldf.segment.cluster import segment_batches
-from cldf.segment.features import ComputedFeatures, StoredFeatures
+from cldf.segment.cluster import prototypes_of, segment_batches
+from cldf.segment.features import ComputedFeatures, StoredFeatures, decoder_inputs
 from cldf.segment.train import load_decoder, train_decoder
 from cldf.store import MapStore, SliceStore, read_ground_truth
 
@@ -135,8 +135,14 @@ def decoder_settings(base: Mapping[str, Any], candidate: Mapping[str, Any], mode
 
 
 def candidates(grids: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The decoder grid: every selection quantile with every optimiser entry."""
+    """The decoder grid: every selection quantile with every optimiser entry (each then clustered every
+    way of ``grids["cluster"]``)."""
     return [{"quantile": q, **opt} for q in grids["quantile"] for opt in grids["optimizer"]]
+
+
+def cluster_settings(base: Mapping[str, Any], candidate: Mapping[str, Any]) -> dict[str, Any]:
+    """Clustering settings: the config's (``inside_body``) with a tuned candidate's ``k`` and ``assign``."""
+    return {**base, "k": int(candidate["k"]), "assign": candidate["assign"]}
 
 
 def tune_decoder(
@@ -150,27 +156,30 @@ def tune_decoder(
     seed: int,
     cap: int,
 ) -> list[dict[str, Any]]:
-    """Train CLDF's decoder for every candidate; write the one with the best validation Dice to ``out``."""
+    """Train CLDF's decoder for every candidate and cluster its validation slices every way of the grid;
+    write the decoder of the best combination (validation Dice) to ``out``."""
     slices = SliceStore(slices_path)
     ids, gt, _ = _val_positives(slices, slices_path)
-    grid = candidates(grids)
-    scores, best = [], (-np.inf, None)
-    for candidate in grid:
+    grid, scores, best = [], [], (-np.inf, None)
+    for candidate in candidates(grids):
         decoder, checkpoint = train_decoder(slices_path, features, cam_path, mg_path,
                                             decoder_settings(base, candidate, "fused"), None, seed, cap)
-        scores.append(_mean_dice(_segment(features, decoder, checkpoint, slices, ids, base["cluster"], seed), gt))
-        LOG.info("decoder candidate %s: validation Dice %.4f", encode(candidate), scores[-1])
-        score = scores[-1] if np.isfinite(scores[-1]) else -np.inf
-        if best[1] is None or score > best[0]:
-            best = (score, checkpoint)
+        for clustering in grids["cluster"]:
+            grid.append({**candidate, **clustering})
+            pred = segment_ids(features, decoder, checkpoint, slices, ids, cluster_settings(base["cluster"], clustering), seed)
+            scores.append(_mean_dice(pred, gt))
+            LOG.info("decoder candidate %s: validation Dice %.4f", encode(grid[-1]), scores[-1])
+            score = scores[-1] if np.isfinite(scores[-1]) else -np.inf
+            if best[1] is None or score > best[0]:
+                best = (score, checkpoint)
     save_checkpoint(out, best[1])
     return _rows("decoder", grid, scores)
 
 
-def _segment(features, decoder, checkpoint, slices: SliceStore, ids: np.ndarray, cluster: Mapping[str, Any],
+def segment_ids(features, decoder, checkpoint, slices: SliceStore, ids: np.ndarray, cluster: Mapping[str, Any],
              seed: int) -> np.ndarray:
-    """bool (N, H, W) masks of ``ids`` with one decoder."""
-    decoders = {"d": (decoder, checkpoint["prototypes"]["foreground"])}
+    """bool (N, H, W) masks of the slices ``ids`` clustered with one decoder (its checkpoint's prototypes)."""
+    decoders = {"d": (decoder, prototypes_of(checkpoint))}
     out = np.zeros((len(ids), slices.image_size, slices.image_size), dtype=bool)
     row = {int(s): r for r, s in enumerate(ids)}
     for batch_ids, masks in segment_batches(features, decoders, slices, ids, cluster, seed):
@@ -183,13 +192,17 @@ def choose_unlabelled(
     cdm: torch.nn.Module,
     decoder_path: str | os.PathLike,
     probs_path: str | os.PathLike,
-    feature_settings: Mapping[str, Any],
-    cluster: Mapping[str, Any],
-    grids: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    tuned: Mapping[str, Any],
     device: torch.device,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """The CDM conditioning of unlabelled slices and the classifier gate, chosen on validation."""
+    """The CDM conditioning of unlabelled slices and the classifier gate, chosen on validation.
+
+    ``settings``: ``features`` (timesteps, layers), ``with_image``, ``cluster`` (the config's, completed by the
+    tuned ``k`` and ``assign`` of ``tuned``), ``choices`` (``conditioning``, ``gate`` grids).
+    """
+    cluster, grids = cluster_settings(settings["cluster"], tuned), settings["choices"]
     slices = SliceStore(slices_path)
     probs = MapStore(probs_path)
     ids = slices.indices(split="val", labels=[0, 1])
@@ -198,8 +211,9 @@ def choose_unlabelled(
     decoder, checkpoint = load_decoder(decoder_path, device)
     masks = {}
     for conditioning in grids["conditioning"]:
-        features = ComputedFeatures(cdm, slices, feature_settings, conditioning, seed, device, probs)
-        masks[conditioning] = _segment(features, decoder, checkpoint, slices, ids, cluster, seed)
+        features = decoder_inputs(ComputedFeatures(cdm, slices, settings["features"], conditioning, seed, device, probs),
+                                  slices, settings["with_image"])
+        masks[conditioning] = segment_ids(features, decoder, checkpoint, slices, ids, cluster, seed)
     scores = [_mean_dice(masks[c][positive], gt[positive]) for c in grids["conditioning"]]
     rows = _rows("conditioning", grids["conditioning"], scores)
     best = masks[next(r for r in rows if r["chosen"])["value"]]

@@ -8,6 +8,7 @@ rounded to three decimals.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 import pandas as pd
 
 from cldf.catalogue import ARTIFACTS
-from cldf.registry import label_of, paper_dice
+from cldf.registry import FEATURE_SOURCE_PAPER, label_of, paper_dice
 from cldf.store import SliceStore
 
 
@@ -72,9 +73,37 @@ def selection_table(frame: pd.DataFrame) -> str:
     return _markdown(["choice", "chosen", "validation Dice", "candidates"], rows)
 
 
-def tables(folder: str | Path) -> str:
-    """Every result table of one dataset's results folder, as Markdown."""
+def ablation_table(frame: pd.DataFrame) -> str:
+    rows = [[lever, f"`{changed}`" if changed != "{}" else "–", val, f"{_fmt(test)} ({_fmt(lo)}–{_fmt(hi)})"]
+            for lever, changed, val, test, lo, hi in
+            frame[["lever", "changed", "val_dice", "test_dice", "test_ci_low", "test_ci_high"]].itertuples(index=False)]
+    return _markdown(["lever", "changed", "validation Dice", "test Dice (95 % CI)"], rows)
+
+
+def feature_source_table(frame: pd.DataFrame, family: str) -> str:
+    """Table 2: the feature source of each row (the chosen row's is the CDM), beside the paper's Dice."""
+    rows = []
+    for lever, changed, val, test, lo, hi in frame[["lever", "changed", "val_dice", "test_dice", "test_ci_low",
+                                                    "test_ci_high"]].itertuples(index=False):
+        source = json.loads(changed).get("features", {}).get("source", "cdm")
+        name = "CDM (chosen on validation)" if source == "cdm" else lever
+        rows.append([name, val, f"{_fmt(test)} ({_fmt(lo)}–{_fmt(hi)})", FEATURE_SOURCE_PAPER[source].get(family)])
+    return _markdown(["decoder features from", "validation Dice", "test Dice (95 % CI)", "paper Dice"], rows)
+
+
+def selection_study_table(frame: pd.DataFrame) -> str:
+    """Table 3: per CAM, the pixels the decoder learns from (the paper's Table 3 gives no number we hold)."""
+    rows = [[label_of(cam), selection, f"{_fmt(d)} ({_fmt(lo)}–{_fmt(hi)})", int(n)]
+            for cam, selection, d, lo, hi, n in frame[["cam", "selection", "dice_mean", "dice_ci_low", "dice_ci_high",
+                                                       "n_cases"]].itertuples(index=False)]
+    return _markdown(["CAM", "pixels the decoder learns from", "test Dice (95 % CI)", "n_cases"], rows)
+
+
+def tables(folder: str | Path, only_ablation: bool = False) -> str:
+    """Every result table of one dataset's results folder, as Markdown (or the lever table alone)."""
     folder = Path(folder)
+    if only_ablation:
+        return ablation_table(pd.read_csv(_file(folder, "ablation"))) + "\n"
     slices = SliceStore(_file(folder, "slices"))
     family = str(slices.attrs.get("layout", ""))
     metrics = pd.read_csv(_file(folder, "metrics"))
@@ -84,7 +113,11 @@ def tables(folder: str | Path) -> str:
         parts += [f"**{protocol} protocol**", comparison(metrics, family, protocol)]
     for name, title, render in (("differences", "**Differences** (paired by case)", difference_table),
                                 ("metrics_3d", "**3-D, in each scan's own geometry** (mean over test cases)", volume_summary),
-                                ("selection", "**Choices made on the validation split**", selection_table)):
+                                ("selection", "**Choices made on the validation split**", selection_table),
+                                ("ablation", "**Levers** (CLDF with one thing changed; labelled protocol)", ablation_table),
+                                ("table2", "**Table 2: feature source** (labelled protocol)",
+                                 lambda f: feature_source_table(f, family)),
+                                ("table3", "**Table 3: pixel selection** (labelled protocol)", selection_study_table)):
         path = _file(folder, name)
         if path.exists():
             parts += [title, render(pd.read_csv(path, dtype={"value": str}) if name == "selection" else pd.read_csv(path))]

@@ -40,13 +40,18 @@ def synthetic_case_id(index: int) -> str:
     return f"Synth_{index:03d}"
 
 
+def masks_optional(ds: Mapping[str, Any]) -> bool:
+    """Whether a case may come without its mask file: the dataset's labels come from a table
+    (``labels_csv``), or ``ds`` describes new scans to predict (``predict``, set by the plan)."""
+    return bool(ds.get("labels_csv") or ds.get("predict"))
+
+
 def _root(ds: Mapping[str, Any]) -> Path:
     root = Path(ds["root"])
     if not root.is_dir():
-        raise DataError(
-            f"dataset root {root} does not exist (config key datasets.{ds['name']}.root); "
-            f"{_WHERE_TO_PUT[ds['layout']]}"
-        )
+        key, hint = ("predict_root", "put the new scans there, in the dataset's layout") if ds.get("predict") else \
+            ("root", _WHERE_TO_PUT[ds["layout"]])
+        raise DataError(f"dataset root {root} does not exist (config key datasets.{ds['name']}.{key}); {hint}")
     return root
 
 
@@ -157,7 +162,10 @@ def _expected_files(ds: Mapping[str, Any], case_id: str) -> dict[str, tuple[Path
 def case_files(ds: Mapping[str, Any], case_id: str, missing_ok: bool = False) -> dict[str, Path]:
     """Files of one case: ``{modality: path, ..., "seg": path}``.
 
-    A missing file is a :class:`DataError` naming it, or, with ``missing_ok``, left out of the result.
+    A missing file is a :class:`DataError` naming it, or, with ``missing_ok``, left out of the result; the
+    mask is left out when missing where masks are optional (:func:`masks_optional`).
     """
-    found = {name: _find_nifti(folder, stem, missing_ok) for name, (folder, stem) in _expected_files(ds, case_id).items()}
+    optional = {"seg"} if masks_optional(ds) else set()
+    found = {name: _find_nifti(folder, stem, missing_ok or name in optional)
+             for name, (folder, stem) in _expected_files(ds, case_id).items()}
     return {name: path for name, path in found.items() if path is not None}

@@ -31,9 +31,11 @@ class Case:
     image
         float32 (C, X, Y, Z), channels in the order of ``ds["modalities"]``, canonical orientation.
     seg
-        uint8 (X, Y, Z) label map, canonical orientation.
+        uint8 (X, Y, Z) label map, canonical orientation; None for a case without a mask file (allowed where
+        :func:`cldf.io.layouts.masks_optional`).
     affine, shape
-        Affine (4, 4) and 3-D shape of the files as stored (the original voxel grid).
+        Affine (4, 4) and 3-D shape of the files as stored (the original voxel grid): the mask's, or without
+        a mask the first channel's.
     canonical_affine
         Affine (4, 4) of ``image`` / ``seg``.
     spacing
@@ -45,7 +47,7 @@ class Case:
 
     id: str
     image: np.ndarray
-    seg: np.ndarray
+    seg: np.ndarray | None
     affine: np.ndarray
     shape: tuple[int, int, int]
     canonical_affine: np.ndarray
@@ -74,6 +76,21 @@ def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     return img, data
 
 
+def _check_mask(seg: np.ndarray, path: Path, ds: Mapping[str, Any]) -> None:
+    """Finite integer values of ``ds["mask_labels"]`` only."""
+    if not np.all(np.isfinite(seg)):
+        raise DataError(f"{path}: mask contains NaN/Inf voxels")
+    values = np.unique(seg)
+    if not np.all(values == np.round(values)):
+        raise DataError(f"{path}: mask contains non-integer values")
+    unexpected = sorted(set(values.astype(np.int64).tolist()) - set(int(v) for v in ds["mask_labels"]))
+    if unexpected:
+        raise DataError(
+            f"{path}: unexpected label value(s) {unexpected}; allowed: {list(ds['mask_labels'])} "
+            f"(config key datasets.{ds['name']}.mask_labels)"
+        )
+
+
 def read_case(ds: Mapping[str, Any], case_id: str) -> Case:
     """Read and validate case ``case_id`` of dataset ``ds`` (settings from ``cldf.config.dataset_settings``).
 
@@ -83,31 +100,27 @@ def read_case(ds: Mapping[str, Any], case_id: str) -> Case:
     (X, Y, Z), both reoriented like ``nibabel.as_closest_canonical``.
     """
     files = case_files(ds, case_id)
-    seg_img, seg = _load(files["seg"])
+    if ds.get("predict"):  # a new scan: a mask file beside it is never read
+        files.pop("seg", None)
+    reference = files.get("seg", files[ds["modalities"][0]])
+    ref_img, seg = _load(reference)
     shape = tuple(int(s) for s in seg.shape)
-    affine = np.asarray(seg_img.affine, dtype=np.float64)
-
-    if not np.all(np.isfinite(seg)):
-        raise DataError(f"{files['seg']}: mask contains NaN/Inf voxels")
-    values = np.unique(seg)
-    if not np.all(values == np.round(values)):
-        raise DataError(f"{files['seg']}: mask contains non-integer values")
-    unexpected = sorted(set(values.astype(np.int64).tolist()) - set(int(v) for v in ds["mask_labels"]))
-    if unexpected:
-        raise DataError(
-            f"{files['seg']}: unexpected label value(s) {unexpected}; allowed: {list(ds['mask_labels'])} "
-            f"(config key datasets.{ds['name']}.mask_labels)"
-        )
+    affine = np.asarray(ref_img.affine, dtype=np.float64)
+    if "seg" in files:
+        _check_mask(seg, files["seg"], ds)
+    else:
+        seg = None
+    what = "the mask's" if seg is not None else "the first channel's"
 
     ornt = orientations.io_orientation(affine)
-    canonical = nib.as_closest_canonical(nib.Nifti1Image(seg.astype(np.uint8), affine))
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(np.zeros(shape, np.uint8) if seg is None else seg.astype(np.uint8), affine))
     channels = []
     for modality in ds["modalities"]:
         img, data = _load(files[modality])
         if data.shape != shape:
-            raise DataError(f"{files[modality]}: shape {data.shape} differs from the mask's {shape} ({files['seg']})")
+            raise DataError(f"{files[modality]}: shape {data.shape} differs from {what} {shape} ({reference})")
         if not np.allclose(img.affine, affine, atol=AFFINE_ATOL, rtol=0):
-            raise DataError(f"{files[modality]}: affine differs from the mask's ({files['seg']}) by more than {AFFINE_ATOL} mm")
+            raise DataError(f"{files[modality]}: affine differs from {what} ({reference}) by more than {AFFINE_ATOL} mm")
         data = data.astype(np.float32, copy=False)
         if not np.all(np.isfinite(data)):
             raise DataError(f"{files[modality]}: {int(np.sum(~np.isfinite(data)))} NaN/Inf voxel(s)")
@@ -116,7 +129,7 @@ def read_case(ds: Mapping[str, Any], case_id: str) -> Case:
     return Case(
         id=case_id,
         image=np.ascontiguousarray(np.stack(channels), dtype=np.float32),
-        seg=np.ascontiguousarray(np.asanyarray(canonical.dataobj), dtype=np.uint8),
+        seg=None if seg is None else np.ascontiguousarray(np.asanyarray(canonical.dataobj), dtype=np.uint8),
         affine=affine,
         shape=shape,  # type: ignore[arg-type]
         canonical_affine=np.asarray(canonical.affine, dtype=np.float64),
@@ -128,7 +141,10 @@ def read_case(ds: Mapping[str, Any], case_id: str) -> Case:
 def read_target(ds: Mapping[str, Any], case_id: str) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The target of one case as stored: bool (X, Y, Z) in the file's own voxel order, and its voxel size
     in mm. For evaluation in the scan's own geometry only (the mask file alone is read)."""
-    path = case_files(ds, case_id)["seg"]
+    files = case_files(ds, case_id)
+    if "seg" not in files:
+        raise DataError(f"case {case_id} of dataset {ds['name']} has no mask file: evaluation needs masks")
+    path = files["seg"]
     img, seg = _load(path)
     zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     return np.isin(seg, list(ds["target_labels"])), zooms  # type: ignore[return-value]

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cldf.maps.common import Batch, named_layers, normalise_per_slice
+from cldf.maps.common import Batch
+from cldf.models.tensors import named_layers, normalise_per_slice
 
 POSITIVE = 1
 SCORECAM_CHUNK = 128

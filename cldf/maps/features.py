@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from cldf.maps.common import Batch, feature_noise, named_layers, noised_batch
+from cldf.maps.common import Batch, feature_noise
+from cldf.models.tensors import named_layers, noised_batch
 from cldf.models.builders import build_scheduler
 
 
@@ -47,12 +48,23 @@ def extract_features(
     -------
     One float32 tensor (B, C_k, h_k, w_k) per layer, at the layer's native resolution.
     """
-    modules = named_layers(cdm, layers)
     b, n_t = images.shape[0], len(timesteps)
+    x_t, t = noised_batch(scheduler, images, timesteps, noise)
+    y = labels.to(images.device, torch.long).repeat(n_t)
+    captured = _capture(cdm, layers, lambda: cdm(x_t, timesteps=t, class_labels=y))
+    return [c.float().reshape(n_t, b, *c.shape[1:]).mean(0) for c in captured]
+
+
+def _capture(model: nn.Module, layers: Sequence[str], forward: Callable[[], Any]) -> list[torch.Tensor]:
+    """Outputs of ``layers`` of ``model`` during ``forward()`` (no gradient; float16 autocast on CUDA only,
+    the features are stored as float16 anyway); the hooks are removed afterwards."""
+    modules = named_layers(model, layers)
     captured: dict[int, torch.Tensor] = {}
 
     def hook(k: int):
-        def _store(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        def _store(_module: nn.Module, _inputs: tuple, output: torch.Tensor | tuple) -> None:
+            if isinstance(output, tuple):  # MONAI's encoder blocks return (hidden states, residuals)
+                output = output[0]
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"layer {layers[k]!r} returns {type(output).__name__}, not a tensor")
             captured[k] = output
@@ -60,17 +72,33 @@ def extract_features(
         return _store
 
     handles = [m.register_forward_hook(hook(k)) for k, m in enumerate(modules)]
+    on_cuda = next(model.parameters()).device.type == "cuda"
     try:
-        # float16 autocast on CUDA only: the features are stored as float16 anyway
-        on_cuda = images.device.type == "cuda"
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=on_cuda):
-            x_t, t = noised_batch(scheduler, images, timesteps, noise)
-            y = labels.to(images.device, torch.long).repeat(n_t)
-            cdm(x_t, timesteps=t, class_labels=y)
+            forward()
     finally:
         for h in handles:
             h.remove()
-    return [captured[k].float().reshape(n_t, b, *captured[k].shape[1:]).mean(0) for k in range(len(layers))]
+    return [captured[k] for k in range(len(layers))]
+
+
+def encoder_features(model: nn.Module, scheduler, images: torch.Tensor, timesteps: Sequence[int],
+                     layers: Sequence[str], noise: torch.Tensor) -> list[torch.Tensor]:
+    """Activations of the noisy classifier's encoder layers ``layers``, averaged over ``timesteps``
+    (it has no class input): one float32 (B, C_k, h_k, w_k) per layer. ``noise`` (T, B, C, H, W)."""
+    b, n_t = images.shape[0], len(timesteps)
+    x_t, t = noised_batch(scheduler, images, timesteps, noise)
+    captured = _capture(model, layers, lambda: model(x_t, timesteps=t))
+    return [c.float().reshape(n_t, b, *c.shape[1:]).mean(0) for c in captured]
+
+
+def classifier_features(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
+    """Activations of the CAM classifier's layers ``layers`` on the clean images: float32 (B, C_k, h_k, w_k)."""
+    return [c.float() for c in _capture(model, layers, lambda: model(images))]
+
+
+FEATURE_SOURCES = ("cdm", "noisy_classifier", "cam_classifier")
+"""Networks whose activations can feed CLDF's decoder (the paper's Table 2)."""
 
 
 NULL_CONDITION = 2
@@ -87,19 +115,25 @@ def conditioning_labels(slice_labels: np.ndarray) -> torch.Tensor:
 
 
 def diffusion_features(
-    cdm: nn.Module, images: torch.Tensor, classes: torch.Tensor, slice_ids: np.ndarray, seed: int,
+    model: nn.Module, images: torch.Tensor, classes: torch.Tensor, slice_ids: np.ndarray, seed: int,
     settings: Mapping[str, Any],
 ) -> list[torch.Tensor]:
-    """The CDM's features of a batch under the given classes: one (B, C_k, h_k, w_k) per tapped layer.
+    """The features of a batch from the network of ``settings["source"]`` (default the CDM, under the given
+    classes): one (B, C_k, h_k, w_k) per tapped layer.
 
-    ``images`` float32 (B, C, H, W) in [-1, 1]; ``classes`` long (B,) (0, 1, or 2 = null); ``settings``:
-    ``timesteps``, ``layers``. The noise of each slice comes from ``(seed, slice id)``
-    (:func:`cldf.maps.common.feature_noise`), so a slice's features do not depend on its batch.
+    ``images`` float32 (B, C, H, W) in [-1, 1]; ``classes`` long (B,) (0, 1, or 2 = null; the CDM only);
+    ``settings``: ``timesteps``, ``layers``, optional ``source`` (:data:`FEATURE_SOURCES`). The noise of each
+    slice comes from ``(seed, slice id)`` (:func:`cldf.maps.common.feature_noise`), so a slice's features do
+    not depend on its batch.
     """
+    source, layers = settings.get("source", "cdm"), list(settings["layers"])
+    if source == "cam_classifier":
+        return classifier_features(model, images, layers)
     timesteps = [int(t) for t in settings["timesteps"]]
     noise = feature_noise(slice_ids, len(timesteps), tuple(images.shape[1:]), seed)
-    return extract_features(cdm, build_scheduler(), images, classes.to(images.device), timesteps,
-                            list(settings["layers"]), noise)
+    if source == "noisy_classifier":
+        return encoder_features(model, build_scheduler(), images, timesteps, layers, noise)
+    return extract_features(model, build_scheduler(), images, classes.to(images.device), timesteps, layers, noise)
 
 
 def features_map(cdm: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cldf.maps.common import Batch, feature_noise, noised_batch, normalise_per_slice
+from cldf.maps.common import Batch, feature_noise
+from cldf.models.tensors import noised_batch, normalise_per_slice
 from cldf.models.builders import build_scheduler
 
 REDUCTIONS = ("mean_abs", "max_abs", "l2")

@@ -79,7 +79,7 @@ def fuse_store(per_layer_path: PathLike, names: Sequence[str], chosen: Sequence[
 def run_map(
     slices_path: PathLike,
     method: MapMethod,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, nn.Module],
     settings: Mapping[str, Any],
     cases: Sequence[int],
     out: PathLike,
@@ -88,12 +88,14 @@ def run_map(
 ) -> int:
     """Compute map ``method`` for the slices of ``cases`` and write it to ``out``; returns N.
 
+    ``model`` is the network the map reads, or ``{kind: network}`` for a map of several.
+
     The store holds ``slice_ids`` int64 (N,) and one array per output of the map function, (N, ...),
     float16 (``probs``: float32); attributes ``map``, ``settings``, ``seed``, ``image_size`` and ``shapes``
     (the per-slice shape of every output).
     """
     store = SliceStore(slices_path)
-    model = model.to(device).eval()
+    model = {k: m.to(device).eval() for k, m in model.items()} if isinstance(model, dict) else model.to(device).eval()
     compute = method.load()
     ids = map_rows(store, method, cases, settings, seed)
     probe = compute(model, _probe(store, device, seed), settings)

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from cldf.maps.common import Batch, normalise_per_slice
+from cldf.maps.common import Batch
+from cldf.models.tensors import normalise_per_slice
 from cldf.models.builders import NULL_CLASS, build_scheduler
 
 

@@ -6,6 +6,7 @@ stores, so a checkpoint never pickles code.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any, Mapping
 
@@ -16,7 +17,7 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
 from cldf.models.decoder import PixelDecoder
-from cldf.registry import MODEL_KINDS
+from cldf.registry import METHOD_NETWORKS, MODEL_KINDS
 
 NULL_CLASS = 2
 """Class label of the CDM's null (unconditional) embedding used for classifier-free guidance."""
@@ -74,6 +75,8 @@ def build_model(kind: str, settings: Mapping[str, Any], in_channels: int) -> nn.
     - ``cam_classifier``: 2-D ResNet-18 on clean images, (B, C, H, W) → logits (B, 2); blocks
       ``layer1`` … ``layer4`` are the CAM target layers.
     - ``fsl_unet``: fully supervised UNet, (B, C, H, W) → mask logits (B, 1, H, W).
+    - ``amecam``, ``seam``, ``dig``: the comparison methods' networks (``cldf/models/<kind>.py``), each with
+      ``cam(images (B, C, H, W), context) -> (B, H, W)`` and ``positive_probability(images) -> (B,)``.
     - ``pixel_decoder``: CLDF's per-pixel MLP (:class:`cldf.models.decoder.PixelDecoder`), features
       (P, D) → unit embeddings (P, E); ``in_channels`` is the feature dimension D.
     """
@@ -102,6 +105,8 @@ def build_model(kind: str, settings: Mapping[str, Any], in_channels: int) -> nn.
             conv1_t_stride=int(settings.get("conv1_stride", 2)),
             no_max_pool=not bool(settings.get("max_pool", True)),
         )
+    if kind in METHOD_NETWORKS:
+        return importlib.import_module(f"cldf.models.{kind}").build(settings, in_channels)
     if kind == "pixel_decoder":
         return PixelDecoder(in_channels, settings["widths"])
     if kind == "fsl_unet":

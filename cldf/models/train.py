@@ -16,6 +16,7 @@ batch of ``batch_size`` slices; only rank 0 writes files.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from cldf import store
 from cldf.atomic import atomic_file, write_text
 from cldf.errors import PipelineError
 from cldf.models.builders import MODEL_KINDS, NULL_CLASS, build_model, build_scheduler, count_parameters
+from cldf.registry import METHOD_NETWORKS
 from cldf.models.checkpoint import load_checkpoint, save_checkpoint
 from cldf.models.data import BalancedBatchSampler, SliceDataset, split_rows, step_seed
 from cldf.models.validate import evaluate_model
@@ -112,10 +114,19 @@ def _loss(
     batch: dict[str, torch.Tensor],
     settings: Mapping[str, Any],
     generator: torch.Generator,
+    step: int = 0,
+    context: Mapping[str, nn.Module] | None = None,
 ) -> torch.Tensor:
-    """Training loss of one batch (``image`` (B, C, H, W), ``label`` (B,), ``mask`` (B, 1, H, W) for FSL)."""
+    """Training loss of one batch (``image`` (B, C, H, W), ``label`` (B,), ``mask`` (B, 1, H, W) for FSL).
+
+    A comparison method's network (:data:`cldf.registry.METHOD_NETWORKS`) computes its own loss from the
+    step and the frozen networks of ``context``.
+    """
     x0, y = batch["image"], batch["label"]
     device = x0.device
+    if kind in METHOD_NETWORKS:
+        module = importlib.import_module(f"cldf.models.{kind}")
+        return module.training_loss(model, batch, step, settings, generator, context or {})
     if kind in ("cdm", "noisy_classifier"):
         t = torch.randint(0, scheduler.num_train_timesteps, (len(x0),), device=device, generator=generator)
         noise = torch.randn(x0.shape, device=device, generator=generator)
@@ -179,6 +190,7 @@ def train_model(
     device: torch.device,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    context: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, Any]:
     """Train network ``kind`` on the ``train`` split of ``slices_path`` and write ``out`` (+ .json, .loss.csv/.png).
 
@@ -186,14 +198,15 @@ def train_model(
     over processes), ``lr``, ``checkpoint_every``, ``ema_decay`` (CDM; optional for the others),
     ``class_dropout`` (CDM); optional ``flip`` (random left-right flips, default True) and
     ``num_workers`` (DataLoader workers, default 0)). ``on_step(step, loss)`` is called after every
-    optimisation step (1-based). Returns the recorded metrics (rank 0; other ranks return ``{}``).
-    The caller's global torch RNG state is left untouched.
+    optimisation step (1-based). ``context``: frozen networks a comparison method's training reads (DiG:
+    the CDM). Returns the recorded metrics (rank 0; other ranks return ``{}``). The caller's global torch
+    RNG state is left untouched.
     """
     if kind not in MODEL_KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {MODEL_KINDS}")
     forked = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with _distributed(device) as ctx, torch.random.fork_rng(devices=forked):
-        return _train(kind, Path(slices_path), dict(settings), Path(out), ctx, seed, on_step)
+        return _train(kind, Path(slices_path), dict(settings), Path(out), ctx, seed, on_step, dict(context or {}))
 
 
 @dataclass
@@ -258,7 +271,7 @@ def _training_rows(kind: str, slices: store.SliceStore, seed: int) -> tuple[np.n
 
 
 def _step(kind: str, net: nn.Module, state: _State, batch: dict, scheduler: DDPMScheduler,
-          settings: Mapping[str, Any], ctx: _Dist, seed: int) -> float:
+          settings: Mapping[str, Any], ctx: _Dist, seed: int, context: Mapping[str, nn.Module]) -> float:
     """One optimisation step; every random draw comes from ``(seed, step, rank)``. Returns the mean loss."""
     device = ctx.device
     generator = torch.Generator(device).manual_seed(step_seed(seed, state.step, ctx.rank))
@@ -267,7 +280,7 @@ def _step(kind: str, net: nn.Module, state: _State, batch: dict, scheduler: DDPM
     if bool(settings.get("flip", True)):
         batch = _augment(batch, generator)
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        loss = _loss(kind, net, scheduler, batch, settings, generator)
+        loss = _loss(kind, net, scheduler, batch, settings, generator, state.step, context)
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
@@ -289,6 +302,7 @@ def _train(
     ctx: _Dist,
     seed: int,
     on_step: Callable[[int, float], None] | None,
+    context: dict[str, nn.Module],
 ) -> dict[str, Any]:
     started = time.perf_counter()
     slices = store.SliceStore(slices_path)
@@ -303,7 +317,8 @@ def _train(
     start_step = state.step
     net: nn.Module = state.model
     if ctx.world_size > 1:
-        net = DistributedDataParallel(state.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        net = DistributedDataParallel(state.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                      find_unused_parameters=kind in METHOD_NETWORKS)  # a phase leaves some unused
     groups = (slices.labels[train_rows] != 0).astype(np.int64)
     sampler = BalancedBatchSampler(groups, int(settings["batch_size"]), seed, steps, start_step, ctx.rank, ctx.world_size)
     dataset = SliceDataset(slices_path, train_rows, with_masks=kind == "fsl_unet")
@@ -311,7 +326,7 @@ def _train(
     net.train()
     bar = tqdm(total=steps, initial=start_step, desc=kind, disable=not ctx.is_main, dynamic_ncols=True)
     for batch in loader:
-        state.losses.append(_step(kind, net, state, batch, scheduler, settings, ctx, seed))
+        state.losses.append(_step(kind, net, state, batch, scheduler, settings, ctx, seed, context))
         state.step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{state.losses[-1]:.4f}")
@@ -324,16 +339,23 @@ def _train(
     if ctx.is_main:
         run = {"train_rows": train_rows, "val_rows": val_rows, "val_source": val_source, "start_step": start_step,
                "seconds": time.perf_counter() - started}
-        metrics = _finish(kind, state, scheduler, slices, settings, run, out, ctx, seed)
+        metrics = _finish(kind, state, scheduler, slices, settings, run, out, ctx, seed, context)
     ctx.barrier()
     return metrics
 
 
 def _finish(kind: str, state: _State, scheduler: DDPMScheduler, slices: store.SliceStore, settings: dict[str, Any],
-            run: dict[str, Any], out: Path, ctx: _Dist, seed: int) -> dict[str, Any]:
-    """Validate, then write the metrics JSON, the loss curve and the final checkpoint; drop the resume file."""
+            run: dict[str, Any], out: Path, ctx: _Dist, seed: int, context: Mapping[str, nn.Module]) -> dict[str, Any]:
+    """Validate, then write the metrics JSON, the loss curve and the final checkpoint; drop the resume file.
+
+    A network with ``set_polarity`` (AME-CAM) first fixes its map's polarity on positive training slices.
+    """
     steps, losses = int(settings["steps"]), state.losses
     final = state.ema.model if state.ema is not None else state.model
+    if hasattr(final, "set_polarity"):
+        positive = run["train_rows"][slices.labels[run["train_rows"]] == 1][:64]
+        final.eval()
+        final.set_polarity(torch.from_numpy(slices.images(positive)).to(ctx.device))
     val_set = SliceDataset(slices.path, run["val_rows"], with_masks=kind == "fsl_unet")
     tail = losses[-max(1, min(50, len(losses) // 10)) :]
     train_labels = slices.labels[run["train_rows"]]
@@ -346,6 +368,7 @@ def _finish(kind: str, state: _State, scheduler: DDPMScheduler, slices: store.Sl
         "train_seconds_this_run": run["seconds"],
         "seconds_per_step_this_run": run["seconds"] / max(steps - run["start_step"], 1),
         **evaluate_model(kind, final, scheduler, val_set, ctx.device, seed),
+        **({"context": sorted(context)} if context else {}),
     }
     payload = {"kind": kind, "settings": settings, "in_channels": slices.channels,
                "modalities": list(slices.modalities), "image_size": slices.image_size, "step": steps,

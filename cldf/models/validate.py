@@ -37,7 +37,8 @@ def evaluate_model(
 
     cdm: ``val_eps_mse`` (mean ε-prediction MSE at uniform t, conditioned on the true label);
     noisy_classifier: ``val_accuracy``/``val_auc`` at uniform t and ``val_accuracy_t_le_200``/
-    ``val_auc_t_le_200``; cam_classifier: ``val_accuracy``/``val_auc``; fsl_unet: ``val_dice``
+    ``val_auc_t_le_200``; cam_classifier and the comparison methods' networks (their
+    ``positive_probability``): ``val_accuracy``/``val_auc``; fsl_unet: ``val_dice``
     (pooled over all pixels) and ``val_dice_positive_mean`` (mean over slices with target).
     AUC is None when the validation slices hold one class only.
     """
@@ -65,6 +66,8 @@ def evaluate_model(
                 probs[name].append(torch.softmax(logits.float(), 1)[:, 1].cpu().numpy())
         elif kind == "cam_classifier":
             probs["all"].append(torch.softmax(model(x0).float(), 1)[:, 1].cpu().numpy())
+        elif hasattr(model, "positive_probability"):  # a comparison method's network
+            probs["all"].append(model.positive_probability(x0).float().cpu().numpy())
         else:
             pred = (model(x0) > 0).float()
             gt = batch["mask"].to(device)

@@ -25,12 +25,20 @@ from cldf.store import ArrayStoreWriter, SliceStore
 N_INIT = 3
 
 
+ASSIGNMENTS = ("prototype", "nearest")
+
+
+def _cosine(points: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    return points @ vector / np.maximum(np.linalg.norm(points, axis=1) * np.linalg.norm(vector), 1e-12)
+
+
 def cluster_slice(
     emb: torch.Tensor | np.ndarray,
     body: torch.Tensor | np.ndarray,
     k: int,
-    fg_prototype: torch.Tensor | np.ndarray,
+    prototypes: tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray],
     seed: int,
+    assign: str = "prototype",
 ) -> np.ndarray:
     """Binary mask of one slice from its pixel embeddings.
 
@@ -42,33 +50,40 @@ def cluster_slice(
         bool (H, W) region to cluster (the body mask, or all True to cluster the whole slice).
     k
         Number of K-means clusters (>= 2).
-    fg_prototype
-        float (E,) foreground prototype.
+    prototypes
+        float (E,) foreground and background prototypes.
     seed
         ``random_state`` of K-means (``n_init`` = :data:`N_INIT`).
+    assign
+        ``prototype``: the one cluster closest (cosine) to the foreground prototype is the target;
+        ``nearest``: every cluster closer to the foreground than to the background prototype is.
 
     Returns
     -------
-    bool (H, W): the pixels of ``body`` in the cluster closest (cosine) to ``fg_prototype``; everything
-    outside ``body`` is background. Fewer than ``k`` pixels in ``body`` → empty mask.
+    bool (H, W) inside ``body``; everything outside ``body`` is background. Fewer than ``k`` pixels in
+    ``body`` → empty mask.
     """
-    if k < 2:
-        raise ValueError(f"k must be >= 2, got {k}")
+    if k < 2 or assign not in ASSIGNMENTS:
+        raise ValueError(f"need k >= 2 and assign in {ASSIGNMENTS}, got k={k}, assign={assign!r}")
     emb = torch.as_tensor(emb).detach().float().cpu().numpy()
     body = torch.as_tensor(body).detach().cpu().numpy().astype(bool)
-    prototype = torch.as_tensor(fg_prototype).detach().float().cpu().numpy().astype(np.float64)
-    if emb.ndim != 3 or body.shape != emb.shape[1:] or prototype.shape != (emb.shape[0],):
-        raise ValueError(f"shapes emb {emb.shape}, body {body.shape}, prototype {prototype.shape} do not match")
+    fg, bg = (torch.as_tensor(p).detach().float().cpu().numpy().astype(np.float64) for p in prototypes)
+    if emb.ndim != 3 or body.shape != emb.shape[1:] or fg.shape != (emb.shape[0],) or bg.shape != fg.shape:
+        raise ValueError(f"shapes emb {emb.shape}, body {body.shape}, prototypes {fg.shape}/{bg.shape} do not match")
     mask = np.zeros(body.shape, dtype=bool)
     points = emb[:, body].T.astype(np.float64)  # (n, E)
     if len(points) < k:
         return mask
     kmeans = KMeans(n_clusters=k, n_init=N_INIT, random_state=seed).fit(points)
-    centroids = kmeans.cluster_centers_
-    norms = np.linalg.norm(centroids, axis=1)
-    cosine = centroids @ prototype / np.maximum(norms * np.linalg.norm(prototype), 1e-12)
-    mask[body] = kmeans.labels_ == int(np.argmax(cosine))
+    to_fg = _cosine(kmeans.cluster_centers_, fg)
+    chosen = [int(np.argmax(to_fg))] if assign == "prototype" else np.flatnonzero(to_fg > _cosine(kmeans.cluster_centers_, bg))
+    mask[body] = np.isin(kmeans.labels_, chosen)
     return mask
+
+
+def prototypes_of(checkpoint: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The foreground and background prototypes (E,) of a decoder checkpoint."""
+    return checkpoint["prototypes"]["foreground"], checkpoint["prototypes"]["background"]
 
 
 def segment_batches(
@@ -82,18 +97,19 @@ def segment_batches(
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
     """K-means masks of the slices ``ids`` with every decoder: ``(ids (B,), {name: uint8 (B, H, W)})`` per batch.
 
-    ``decoders`` maps a name to ``(decoder, foreground prototype (E,))``; ``settings``: ``k`` and
-    ``inside_body`` (cluster the body pixels only). The features of a batch are shared by every decoder.
+    ``decoders`` maps a name to ``(decoder, (foreground, background) prototypes (E,))``; ``settings``: ``k``,
+    ``assign`` (:func:`cluster_slice`) and ``inside_body`` (cluster the body pixels only). The features of a
+    batch are shared by every decoder.
     """
     size = slices.image_size
-    k = int(settings["k"])
+    k, assign = int(settings["k"]), settings.get("assign", "prototype")
     with torch.no_grad():
         for batch_ids, feats in features.batches(ids, batch_size):
             region = slices.body(batch_ids) if settings["inside_body"] else np.ones((len(batch_ids), size, size), bool)
             out = {}
-            for name, (decoder, prototype) in decoders.items():
+            for name, (decoder, prototypes) in decoders.items():
                 emb = embed_slices(decoder, feats).cpu()
-                out[name] = np.stack([cluster_slice(emb[b], region[b], k, prototype, seed)
+                out[name] = np.stack([cluster_slice(emb[b], region[b], k, prototypes, seed, assign)
                                       for b in range(len(batch_ids))]).astype(np.uint8)
             yield batch_ids, out
 
@@ -119,7 +135,7 @@ def run_segmentation(
     for name, path in decoder_paths.items():
         decoder, checkpoint = load_decoder(path, device)
         check_feature_dim(checkpoint, path, features.dim)
-        decoders[name] = (decoder, checkpoint["prototypes"]["foreground"])
+        decoders[name] = (decoder, prototypes_of(checkpoint))
     size = slices.image_size
     arrays = {"slice_ids": ((), np.int64), **{name: ((size, size), np.uint8) for name in decoders}}
     attrs = {"cluster": dict(settings), "seed": int(seed), "decoders": {n: str(p) for n, p in decoder_paths.items()}}

@@ -131,22 +131,23 @@ protocol), the null class, or the CAM classifier's prediction (p ≥ 0.5): the l
 
 
 class ComputedFeatures:
-    """Features computed by the frozen CDM batch by batch, rounded to float16 like the stored ones.
+    """Features computed batch by batch by a frozen network (the CDM, or the network of
+    ``settings["source"]``), rounded to float16 like the stored ones.
 
-    ``conditioning`` is one of :data:`CONDITIONINGS`; ``predicted`` needs the classifier-probability store.
-    Only ``label`` reads the slices' image-level labels.
+    ``conditioning`` is one of :data:`CONDITIONINGS` (the CDM's class; the classifiers ignore it);
+    ``predicted`` needs the classifier-probability store. Only ``label`` reads the slices' image-level labels.
     """
 
-    def __init__(self, cdm: torch.nn.Module, slices: SliceStore, settings: Mapping[str, Any], conditioning: str,
+    def __init__(self, model: torch.nn.Module, slices: SliceStore, settings: Mapping[str, Any], conditioning: str,
                  seed: int, device: torch.device, probs: MapStore | None = None) -> None:
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"unknown conditioning {conditioning!r}; expected one of {CONDITIONINGS}")
         if conditioning == "predicted" and probs is None:
             raise ValueError("conditioning 'predicted' needs the classifier-probability store")
-        self.cdm, self.slices, self.settings = cdm.to(device).eval(), slices, settings
+        self.model, self.slices, self.settings = model.to(device).eval(), slices, settings
         self.conditioning, self.seed, self.device, self.probs = conditioning, int(seed), device, probs
         shape = (1, slices.channels, slices.image_size, slices.image_size)
-        probe = diffusion_features(self.cdm, torch.full(shape, -1.0, device=device), torch.zeros(1, dtype=torch.long),
+        probe = diffusion_features(self.model, torch.full(shape, -1.0, device=device), torch.zeros(1, dtype=torch.long),
                                    np.zeros(1, np.int64), self.seed, settings)
         self.dim = int(sum(f.shape[1] for f in probe))
 
@@ -164,5 +165,28 @@ class ComputedFeatures:
         for start in range(0, len(slice_ids), batch_size):
             ids = slice_ids[start : start + batch_size]
             images = torch.from_numpy(self.slices.images(ids)).to(self.device)
-            feats = diffusion_features(self.cdm, images, self.classes(ids), ids, self.seed, self.settings)
+            feats = diffusion_features(self.model, images, self.classes(ids), ids, self.seed, self.settings)
             yield ids, upsample_features([f.half() for f in feats], self.slices.image_size)
+
+
+class WithImage:
+    """A feature source whose pixels also carry the slice's image channels: (B, D + C, H, W).
+
+    The image intensities are features like the diffusion ones: the decoder may learn that a channel's
+    brightness matters; no threshold is imposed on them.
+    """
+
+    def __init__(self, source: StoredFeatures | ComputedFeatures, slices: SliceStore) -> None:
+        self.source, self.slices = source, slices
+        self.device = source.device
+        self.dim = source.dim + slices.channels
+
+    def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        for ids, feats in self.source.batches(slice_ids, batch_size):
+            images = torch.from_numpy(self.slices.images(ids)).to(feats.device)
+            yield ids, torch.cat([feats, images], dim=1)
+
+
+def decoder_inputs(source: StoredFeatures | ComputedFeatures, slices: SliceStore, with_image: bool):
+    """What the pixel decoder sees: the diffusion features, with the image channels when ``with_image``."""
+    return WithImage(source, slices) if with_image else source

@@ -95,6 +95,7 @@ rule choose_unlabelled:
         slices=CAT.pattern("slices"),
         cdm=CAT.pattern("model", model="cdm"),
         decoder=CAT.pattern("decoder", selection="fused"),
+        tuning=CAT.pattern("tuning"),
         probs=PROBS,
     output:
         CAT.pattern("unlabelled_choices"),
@@ -112,7 +113,7 @@ rule choose_unlabelled:
     conda:
         CONDA_ENV
     shell:
-        "cldf choose-unlabelled --slices {input.slices:q} --cdm {input.cdm:q} --decoder {input.decoder:q}"
+        "cldf choose-unlabelled --slices {input.slices:q} --cdm {input.cdm:q} --decoder {input.decoder:q} --tuning {input.tuning:q}"
         " --probs {input.probs:q} --settings {params.settings:q} --out {output:q}"
         " --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
 
@@ -120,11 +121,13 @@ rule choose_unlabelled:
 rule selection:
     """Every choice made on validation, with the grid it was picked from (choice, value, val_dice, chosen)."""
     input:
-        CAT.pattern("map_choices"),
-        CAT.pattern("tuning", cam=config["cldf"]["cam"]),
-        CAT.pattern("unlabelled_choices", cam=config["cldf"]["cam"]),
+        parts=[CAT.pattern("map_choices"), CAT.pattern("tuning", cam=config["cldf"]["cam"]),
+               CAT.pattern("unlabelled_choices", cam=config["cldf"]["cam"])],
+        tagged=lambda w: list(tagged_choices(w.dataset)),
     output:
         SELECTION,
+    params:
+        tagged=lambda w: " ".join(shlex.quote(f"{cam}={path}") for path, cam in tagged_choices(w.dataset).items()),
     log:
         CAT.log(SELECTION),
     resources:
@@ -133,4 +136,4 @@ rule selection:
     conda:
         CONDA_ENV
     shell:
-        "cldf selection --parts {input:q} --out {output:q} > {log:q} 2>&1"
+        "cldf selection --parts {input.parts:q} --tagged {params.tagged} --out {output:q} > {log:q} 2>&1"

@@ -6,7 +6,7 @@ import sys
 from cldf.config import ConfigError, validate_config
 from cldf.io.errors import DataError
 from cldf.plan import MODEL_KINDS, Plan, as_json
-from cldf.registry import DECODERS, MAPS, SEGMENTERS
+from cldf.registry import DECODERS, MAPS, METHOD_NETWORKS, SEGMENTERS
 
 
 def stop(message):
@@ -66,6 +66,41 @@ SELECTION = CAT.pattern("selection")
 def row_masks(wildcards):
     """The mask stores of every row of the comparison table."""
     return sorted({row["masks"] for row in PLAN.rows(wildcards.dataset)})
+
+
+def tagged_choices(dataset):
+    """Choices made for the other CAMs CLDF starts from: path -> CAM (named choice@CAM in selection.csv)."""
+    return {CAT.path(name, dataset=dataset, cam=cam): cam for cam in PLAN.cldf_cams()[1:]
+            for name in ("tuning", "unlabelled_choices")}
+
+
+def feature_networks(dataset):
+    """The trained networks decoder features may come from (Tables 2 and the levers): kind -> checkpoint."""
+    return {kind: CAT.path("model", dataset=dataset, model=kind) for kind in ("cdm", "noisy_classifier", "cam_classifier")}
+
+# --- users' own data (rules/own_data.smk) ---------------------------------------------------------
+
+
+def given_source(wildcards):
+    """The selection.csv the choices of a dataset without masks come from (selection_from), or nothing."""
+    return planned(PLAN.given_source, wildcards.dataset)
+
+
+def source_option(wildcards, input):
+    """The `--source` option of `cldf given-…` when the choices come from a selection.csv."""
+    return f"--source {shlex.quote(input.source[0])}" if input.source else ""
+
+
+def nifti_folder(name):
+    """The folder of the per-case NIfTI files of artifact ``name`` (pseudo_mask, prediction)."""
+    return lambda w: os.path.dirname(CAT.path(name, dataset=w.dataset, case="-"))
+
+
+def labels_checked(wildcards):
+    """labels_check.csv where a dataset has both a labels table and masks (built with its pseudo-masks)."""
+    ds = planned(PLAN.dataset, wildcards.dataset)
+    both = ds.get("labels_csv") and planned(PLAN.has_masks, wildcards.dataset)
+    return [CAT.path("labels_check", dataset=wildcards.dataset)] if both else []
 
 
 wildcard_constraints:

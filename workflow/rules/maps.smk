@@ -8,7 +8,7 @@
 rule map_shard:
     input:
         slices=CAT.pattern("slices"),
-        model=lambda w: CAT.path("model", dataset=w.dataset, model=MAPS_BY_STORE[w.map].model),
+        model=lambda w: [CAT.path("model", dataset=w.dataset, model=k) for k in MAPS_BY_STORE[w.map].models],
     output:
         temp(directory(CAT.pattern("map_shard"))),
     params:

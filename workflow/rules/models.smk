@@ -11,7 +11,8 @@ TRAIN_LAUNCHER = (
 rule train_model:
     """Train one model on the training split (image-level labels; masks only for fsl_unet)."""
     input:
-        CAT.pattern("slices"),
+        slices=CAT.pattern("slices"),
+        context=lambda w: [CAT.path("model", dataset=w.dataset, model=k) for k in METHOD_NETWORKS.get(w.model, ())],
     output:
         model=CAT.pattern("model"),
         metrics=CAT.pattern("model_metrics"),
@@ -25,6 +26,8 @@ rule train_model:
         seed=SEED,
         settings=lambda w: as_json(planned(PLAN.model_settings, w.model)),
         launcher=TRAIN_LAUNCHER,
+        context=lambda w, input: " ".join(f"{k}={shlex.quote(p)}" for k, p in zip(METHOD_NETWORKS.get(w.model, ()),
+                                                                                    input.context)),
     resources:
         mem_mb=8000,
         runtime=lambda w: 1440 if config["model_preset"] == "paper" else 60,
@@ -32,7 +35,8 @@ rule train_model:
     conda:
         CONDA_ENV
     shell:
-        "{params.launcher} train --kind {wildcards.model} --slices {input:q} --settings {params.settings:q}"
+        "{params.launcher} train --kind {wildcards.model} --slices {input.slices:q} --settings {params.settings:q}"
+        " --context {params.context}"
         " --out {output.model:q} --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
 
 

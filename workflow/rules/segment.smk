@@ -9,6 +9,7 @@ rule segment_shard:
         cdm=CAT.pattern("model", model="cdm"),
         decoders=lambda w: PLAN.decoders(w.dataset, w.cam).values(),
         choices=CAT.pattern("unlabelled_choices"),
+        tuning=CAT.pattern("tuning"),
         probs=PROBS,
     output:
         temp(directory(CAT.pattern("cldf_mask_shard"))),
@@ -31,7 +32,7 @@ rule segment_shard:
         CONDA_ENV
     shell:
         "cldf segment --slices {input.slices:q} --cdm {input.cdm:q} --decoders {params.decoders:q}"
-        " --protocol {wildcards.protocol} --choices {input.choices:q} --probs {input.probs:q}"
+        " --protocol {wildcards.protocol} --choices {input.choices:q} --tuning {input.tuning:q} --probs {input.probs:q}"
         " --settings {params.settings:q} --cases {params.cases} --out {output:q}"
         " --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
 

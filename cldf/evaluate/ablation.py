@@ -1,0 +1,128 @@
+"""The lever table (``ablation.csv``): CLDF with one thing changed at a time, validation and test Dice.
+
+Each lever is a set of overrides of CLDF's settings as chosen on validation (the decoder, the pixel
+selection, the clustering, the features the decoder sees): ``{"decoder": {"with_image": true}}``,
+``{"features": {"timesteps": [1, 10]}}``. For every lever the decoder is retrained on the training
+slices, and the validation and test slices are segmented under the labelled protocol; a row holds what
+changed, the validation Dice (positive validation slices) and the test Dice (positive test slices) with
+its 95 % bootstrap interval over cases. Levers are chosen by their validation Dice; the test column is
+reported, never used to choose.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cldf.config import deep_merge
+from cldf.evaluate.choose import cluster_settings, decoder_settings, segment_ids
+from cldf.evaluate.metrics import dice_scores
+from cldf.evaluate.table import bootstrap_indices, write_csv
+from cldf.segment.features import ComputedFeatures, StoredFeatures, decoder_inputs
+from cldf.segment.train import train_decoder
+from cldf.store import SliceStore, TestTruth, read_ground_truth
+
+LOG = logging.getLogger("cldf.ablation")
+COLUMNS = ("lever", "changed", "val_dice", "test_dice", "test_ci_low", "test_ci_high", "n_cases")
+
+
+class CachedFeatures:
+    """A feature source computed once for a set of slices and then served from memory (float16)."""
+
+    def __init__(self, source: StoredFeatures | ComputedFeatures | Any, ids: np.ndarray, batch_size: int = 8) -> None:
+        self.dim, self.device = source.dim, source.device
+        self._cache = {int(i): f.half() for batch, feats in source.batches(ids, batch_size) for i, f in zip(batch, feats)}
+
+    def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        slice_ids = np.asarray(slice_ids, dtype=np.int64)
+        for start in range(0, len(slice_ids), batch_size):
+            ids = slice_ids[start : start + batch_size]
+            yield ids, torch.stack([self._cache[int(i)] for i in ids]).float()
+
+
+def _case_interval(dice: np.ndarray, cases: np.ndarray, n_resamples: int, seed: int) -> tuple[float, float]:
+    names = sorted(set(cases))
+    sums = np.asarray([dice[cases == c].sum() for c in names])
+    counts = np.asarray([(cases == c).sum() for c in names], dtype=np.float64)
+    resamples = bootstrap_indices(len(names), n_resamples, seed)
+    boot = sums[resamples].sum(1) / np.maximum(counts[resamples].sum(1), 1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return float(low), float(high)
+
+
+class Ablation:
+    """What every lever shares: the slices, the chosen settings, the trained CDM, the data to score on."""
+
+    def __init__(self, slices_path: str | os.PathLike, truth_path: str | os.PathLike, features_path: str | os.PathLike,
+                 networks: Mapping[str, torch.nn.Module], maps: Mapping[str, str | os.PathLike], base: Mapping[str, Any],
+                 device: torch.device, seed: int) -> None:
+        """``networks``: the trained networks features may come from (``cdm``, and for the feature-source
+        levers ``noisy_classifier`` and ``cam_classifier``); ``maps``: the ``cam`` and ``mg`` stores."""
+        self.slices_path, self.slices = slices_path, SliceStore(slices_path)
+        self.features_path, self.networks, self.maps, self.base = features_path, networks, maps, base
+        self.device, self.seed = device, int(seed)
+        self.val = self.slices.indices(split="val", labels=[1])
+        self.val_gt = read_ground_truth(slices_path, self.val).astype(bool)
+        truth = TestTruth(truth_path)
+        self.test = truth.slice_ids[truth.labels == 1]
+        self.test_gt = truth.masks(self.test)
+        self.test_cases = np.asarray([self.slices.cases[int(c)]["id"] for c in self.slices.case_index[self.test]])
+        self._test_features: dict[str, CachedFeatures] = {}
+
+    def _sources(self, settings: Mapping[str, Any]) -> tuple[Any, Any]:
+        """Training/validation and test feature sources under ``settings`` (features computed on the fly
+        when the lever changes them, the test slices' once per feature setting)."""
+        features, with_image = settings["features"], settings["decoder"].get("with_image", False)
+        key = json.dumps(features, sort_keys=True)
+        network = self.networks[features.get("source", "cdm")]
+        if features == self.base["features"]:
+            train = StoredFeatures(self.features_path, self.slices.image_size, self.device)
+        else:
+            source = ComputedFeatures(network, self.slices, features, "label", self.seed, self.device)
+            train = CachedFeatures(source, np.union1d(self.slices.indices(split="train", labels=[0, 1]), self.val))
+        if key not in self._test_features:
+            source = ComputedFeatures(network, self.slices, features, "label", self.seed, self.device)
+            self._test_features[key] = CachedFeatures(source, self.test)
+        return (decoder_inputs(train, self.slices, with_image),
+                decoder_inputs(self._test_features[key], self.slices, with_image))
+
+    def score(self, name: str, overrides: Mapping[str, Any], n_resamples: int) -> dict[str, Any]:
+        """Retrain CLDF's decoder with ``overrides`` and score it on validation and test."""
+        settings = deep_merge(self.base, overrides)
+        train, test = self._sources(settings)
+        decoder_cfg = {"selection": settings["selection"], "decoder": settings["decoder"]}
+        decoder, checkpoint = train_decoder(self.slices_path, train, self.maps["cam"], self.maps["mg"],
+                                            decoder_cfg, None, self.seed, int(settings["max_train_slices"]))
+        cluster = settings["cluster"]
+        val = float(dice_scores(segment_ids(train, decoder, checkpoint, self.slices, self.val, cluster, self.seed),
+                                self.val_gt).mean()) if len(self.val) else float("nan")
+        dice = dice_scores(segment_ids(test, decoder, checkpoint, self.slices, self.test, cluster, self.seed), self.test_gt)
+        low, high = _case_interval(dice, self.test_cases, n_resamples, self.seed)
+        LOG.info("lever %s: validation Dice %.4f, test Dice %.4f", name, val, dice.mean())
+        return {"lever": name, "changed": json.dumps(overrides, sort_keys=True), "val_dice": val,
+                "test_dice": float(dice.mean()), "test_ci_low": low, "test_ci_high": high,
+                "n_cases": len(set(self.test_cases))}
+
+
+def chosen_settings(config_cldf: Mapping[str, Any], tuned: Mapping[str, Any], features: Mapping[str, Any],
+                    max_train_slices: int) -> dict[str, Any]:
+    """CLDF's settings as chosen on validation: the base every lever changes."""
+    trained = decoder_settings(config_cldf, tuned, "fused")
+    return {**trained, "cluster": cluster_settings(config_cldf["cluster"], tuned),
+            "features": {k: features[k] for k in ("timesteps", "layers")}, "max_train_slices": max_train_slices}
+
+
+def run_ablation(ablation: Ablation, levers: Mapping[str, Mapping[str, Any]], out: str | os.PathLike,
+                 n_resamples: int) -> pd.DataFrame:
+    """Score the chosen configuration and every lever; write ``ablation.csv`` (:data:`COLUMNS`)."""
+    rows = [ablation.score("chosen on validation", {}, n_resamples)]
+    rows += [ablation.score(name, overrides, n_resamples) for name, overrides in levers.items()]
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    write_csv(frame, out)
+    return frame
