@@ -202,6 +202,9 @@ def label_of(method: str, cam: str = "") -> str:
     return text.format(cam=MAPS[cam].label if cam in MAPS else cam)
 
 
+FEATURE_SOURCES = ("cdm", "noisy_classifier", "cam_classifier")
+"""Networks whose activations can feed CLDF's decoder (the paper's Table 2; the schema's ``features.source``)."""
+
 FEATURE_SOURCE_PAPER = {"cam_classifier": {"brats": 0.640}, "noisy_classifier": {"brats": 0.760}, "cdm": {"brats": 0.880}}
 """The paper's Table 2: CLDF's Dice with the decoder's features from each network."""
 

@@ -12,7 +12,7 @@ import yaml
 
 from cldf.catalogue import ZARR
 from cldf.config import DEFAULT_CONFIG, SCHEMA_PATH, ConfigError, deep_merge, load_config, validate_config
-from cldf.registry import MAPS, cam_methods
+from cldf.registry import FEATURE_SOURCES, MAPS, cam_methods
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "cldf"
@@ -71,6 +71,12 @@ def test_schema_enum_of_cam_methods_is_the_registry() -> None:
                                                               "table3": {"cams": [method]}}))
     with pytest.raises(ConfigError, match="cams.methods"):
         validate_config(deep_merge(copy.deepcopy(config), {"cams": {"methods": ["ablationcam"]}}))
+
+
+def test_schema_enum_of_feature_sources_is_the_registry() -> None:
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    enum = schema["$defs"]["levers"]["additionalProperties"]["properties"]["features"]["properties"]["source"]["enum"]
+    assert tuple(enum) == FEATURE_SOURCES
 
 
 def _schema_keys(node: dict, prefix: str = "") -> list[str]:

@@ -97,10 +97,6 @@ def classifier_features(model: nn.Module, images: torch.Tensor, layers: Sequence
     return [c.float() for c in _capture(model, layers, lambda: model(images))]
 
 
-FEATURE_SOURCES = ("cdm", "noisy_classifier", "cam_classifier")
-"""Networks whose activations can feed CLDF's decoder (the paper's Table 2)."""
-
-
 NULL_CONDITION = 2
 """Class index of the CDM's null (unconditional) embedding."""
 
@@ -122,7 +118,7 @@ def diffusion_features(
     classes): one (B, C_k, h_k, w_k) per tapped layer.
 
     ``images`` float32 (B, C, H, W) in [-1, 1]; ``classes`` long (B,) (0, 1, or 2 = null; the CDM only);
-    ``settings``: ``timesteps``, ``layers``, optional ``source`` (:data:`FEATURE_SOURCES`). The noise of each
+    ``settings``: ``timesteps``, ``layers``, optional ``source`` (:data:`cldf.registry.FEATURE_SOURCES`). The noise of each
     slice comes from ``(seed, slice id)`` (:func:`cldf.maps.common.feature_noise`), so a slice's features do
     not depend on its batch.
     """

@@ -6,7 +6,7 @@ import sys
 from cldf.config import ConfigError, validate_config
 from cldf.io.errors import DataError
 from cldf.plan import MODEL_KINDS, Plan, as_json
-from cldf.registry import DECODERS, MAPS, METHOD_NETWORKS, SEGMENTERS
+from cldf.registry import DECODERS, FEATURE_SOURCES, MAPS, METHOD_NETWORKS, SEGMENTERS
 
 
 def stop(message):
@@ -76,7 +76,7 @@ def tagged_choices(dataset):
 
 def feature_networks(dataset):
     """The trained networks decoder features may come from (Tables 2 and the levers): kind -> checkpoint."""
-    return {kind: CAT.path("model", dataset=dataset, model=kind) for kind in ("cdm", "noisy_classifier", "cam_classifier")}
+    return {kind: CAT.path("model", dataset=dataset, model=kind) for kind in FEATURE_SOURCES}
 
 # --- users' own data (rules/own_data.smk) ---------------------------------------------------------
 
