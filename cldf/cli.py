@@ -45,7 +45,7 @@ def _model(path: str, kind: str, args: argparse.Namespace):
 
 
 def _chosen(path: str, choice: str) -> Any:
-    from cldf.evaluate.choose import chosen, read_selection
+    from cldf.evaluate.choices import chosen, read_selection
 
     return chosen(read_selection(path), choice)
 
@@ -127,8 +127,7 @@ def cmd_gather(args: argparse.Namespace) -> None:
 
 
 def cmd_fuse_cam(args: argparse.Namespace) -> None:
-    from cldf.maps.cams import candidate_layers
-    from cldf.maps.run import fuse_store
+    from cldf.maps.layers import candidate_layers, fuse_store
 
     names = candidate_layers(args.settings["layercam_layers"])
     fuse_store(args.map, names, _chosen(args.choices, f"layers:{args.name}"), args.out)
@@ -137,14 +136,15 @@ def cmd_fuse_cam(args: argparse.Namespace) -> None:
 # --- choices made on validation ----------------------------------------------------------------
 
 
-def cmd_choose_maps(args: argparse.Namespace) -> None:
-    from cldf.evaluate.choose import choose_maps, write_rows
+def cmd_choose_layers(args: argparse.Namespace) -> None:
+    from cldf.evaluate.choices import choose_layers, write_rows
 
-    write_rows(choose_maps(args.slices, args.maps, args.per_layer, args.settings), args.out)
+    write_rows(choose_layers(args.slices, args.map, args.name, args.settings), args.out)
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from cldf.evaluate.choose import tune_decoder, write_rows
+    from cldf.evaluate.choices import write_rows
+    from cldf.evaluate.choose import tune_decoder
     from cldf.segment.features import StoredFeatures, decoder_inputs
     from cldf.store import SliceStore
 
@@ -158,7 +158,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def cmd_choose_unlabelled(args: argparse.Namespace) -> None:
-    from cldf.evaluate.choose import choose_unlabelled, write_rows
+    from cldf.evaluate.choices import write_rows
+    from cldf.evaluate.choose import choose_unlabelled
 
     cdm = _model(args.cdm, "cdm", args)
     s = args.settings
@@ -170,7 +171,7 @@ def cmd_choose_unlabelled(args: argparse.Namespace) -> None:
 def cmd_selection(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from cldf.evaluate.choose import read_selection, write_rows
+    from cldf.evaluate.choices import read_selection, write_rows
 
     frames = [read_selection(p) for p in args.parts]
     for item in args.tagged:  # choices made for another CAM CLDF starts from: decoder@amecam, ...
@@ -184,7 +185,8 @@ def cmd_selection(args: argparse.Namespace) -> None:
 
 
 def cmd_decoder(args: argparse.Namespace) -> None:
-    from cldf.evaluate.choose import chosen, decoder_settings, read_selection
+    from cldf.evaluate.choices import chosen, read_selection
+    from cldf.evaluate.choose import decoder_settings
     from cldf.segment.features import StoredFeatures, decoder_inputs
     from cldf.segment.train import train_decoder
     from cldf.store import SliceStore
@@ -218,17 +220,20 @@ def cmd_segment(args: argparse.Namespace) -> None:
     run_segmentation(args.slices, features, args.decoders, cluster, ids, segment, args.out, _device(args), args.seed)
 
 
-def cmd_baseline(args: argparse.Namespace) -> None:
+def cmd_baselines(args: argparse.Namespace) -> None:
+    from cldf.evaluate.choices import choose_thresholds, chosen, write_rows
     from cldf.segment.baselines import run_threshold_baseline
     from cldf.store import SliceStore
 
+    rows = write_rows(choose_thresholds(args.slices, args.maps, args.settings), args.choices_out)
     slices = SliceStore(args.slices)
     ids = slices.indices(split="test")
-    if args.map:
-        run_threshold_baseline(args.slices, args.map, args.out, ids, _chosen(args.choices, f"threshold:{args.name}"))
-    else:
-        modality, polarity = str(_chosen(args.choices, "intensity")).split(":")
-        run_threshold_baseline(args.slices, None, args.out, ids, "otsu", (slices.modalities.index(modality), polarity))
+    for name, out in args.masks.items():
+        if name in args.maps:
+            run_threshold_baseline(args.slices, args.maps[name], out, ids, chosen(rows, f"threshold:{name}"))
+        else:  # the intensity row
+            modality, polarity = str(chosen(rows, "intensity")).split(":")
+            run_threshold_baseline(args.slices, None, out, ids, "otsu", (slices.modalities.index(modality), polarity))
 
 
 def cmd_nifti(args: argparse.Namespace) -> None:
@@ -334,8 +339,8 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "gather": ("gather row-aligned shard stores", (cmd_gather, [_option("shards", nargs="+"), _OUT])),
     "fuse-cam": ("fuse a per-layer CAM over the layers chosen on validation", (cmd_fuse_cam, [
         _option("map"), _option("name"), _CHOICES, _SETTINGS, _OUT])),
-    "choose-maps": ("choose map thresholds, CAM layers and the intensity channel on validation", (cmd_choose_maps, [
-        _SLICES, _option("maps", **_JSON), _option("per-layer", **_JSON), _SETTINGS, _OUT])),
+    "choose-layers": ("choose the layers a per-layer CAM is fused over, on validation", (cmd_choose_layers, [
+        _SLICES, _option("map"), _option("name"), _SETTINGS, _OUT])),
     "tune": ("train CLDF's decoder for every candidate setting, keep the best on validation", (cmd_tune, [
         _SLICES, _option("features"), _option("cam"), _option("mg"), _SETTINGS, _OUT, _option("rows-out")])),
     "choose-unlabelled": ("choose the unlabelled protocol's CDM conditioning and gate on validation", (
@@ -350,8 +355,10 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "segment": ("K-means masks of one shard's test slices under one protocol", (cmd_segment, [
         _SLICES, _option("cdm"), _option("decoders", **_JSON), _option("protocol", choices=["labelled", "unlabelled"]),
         _CHOICES, _option("tuning"), _option("probs"), _SETTINGS, _CASES, _OUT])),
-    "baseline": ("threshold a map (or one image channel) into test masks", (cmd_baseline, [
-        _SLICES, (("--map",), {"default": None}), _option("name"), _CHOICES, _OUT])),
+    "baselines": ("choose thresholds and the intensity channel on validation; threshold maps into test masks", (
+        cmd_baselines, [_SLICES, _option("maps", **_JSON, help="map name → store"),
+                        _option("masks", **_JSON, help="map name or 'intensity' → masks store"), _SETTINGS,
+                        _option("choices-out")])),
     "nifti": ("write test masks back as NIfTI in each case's original geometry", (cmd_nifti, [
         _SLICES, _option("masks"), _option("array"), _option("probs"), _CHOICES, _OUT])),
     "metrics": ("the comparison table under both protocols", (cmd_metrics, [

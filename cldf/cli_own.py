@@ -18,7 +18,7 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_given_choices(args: argparse.Namespace) -> None:
-    from cldf.evaluate.choose import write_rows
+    from cldf.evaluate.choices import write_rows
     from cldf.evaluate.given import given_rows
 
     write_rows(given_rows(_given(args), args.source), args.out)
@@ -26,7 +26,7 @@ def cmd_given_choices(args: argparse.Namespace) -> None:
 
 def cmd_given_tune(args: argparse.Namespace) -> None:
     from cldf.cli import _device
-    from cldf.evaluate.choose import chosen, write_rows
+    from cldf.evaluate.choices import chosen, write_rows
     from cldf.evaluate.given import given_decoder, given_rows
     from cldf.segment.features import StoredFeatures, decoder_inputs
     from cldf.store import SliceStore

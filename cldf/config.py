@@ -154,3 +154,11 @@ def resolve_device(name: str = "auto"):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"config key device: {name!r} requested but CUDA is not available on this machine")
     return device
+
+
+def decoder_candidates(grids: Mapping[str, Any], rule: str) -> list[dict[str, Any]]:
+    """CLDF's decoder grid (``choices``): every optimiser entry and, under the ``quantile`` selection rule,
+    every selection quantile; each candidate is then clustered every way of ``grids["cluster"]``."""
+    if rule != "quantile":
+        return [dict(opt) for opt in grids["optimizer"]]
+    return [{"quantile": q, **opt} for q in grids["quantile"] for opt in grids["optimizer"]]

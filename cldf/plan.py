@@ -92,6 +92,17 @@ class Plan(OwnData):
         cl = self.config["cldf"]
         return list(dict.fromkeys([cl["cam"], *cl["extra_cams"]]))
 
+    def priority(self, step: str, name: str) -> int:
+        """Scheduling priority of a ``model`` or ``map`` job (Snakemake starts the highest of the ready jobs
+        first): what CLDF's decoders wait for, the longest first (the CDM, then the noisy classifier, then
+        the networks of CLDF's CAMs), then the other networks (long jobs, better started early) and the maps
+        CLDF reads; the comparison methods' maps fill the cores beside."""
+        cam_models = {k for cam in self.cldf_cams() for k in MAPS[cam].models}
+        if step == "model":
+            return {"cdm": 4, "noisy_classifier": 3}.get(name, 2 if name in cam_models else 1)
+        cldf_maps = {"features", "mean_gradient", "classifier_probs", *(MAPS[cam].store for cam in self.cldf_cams())}
+        return 1 if name in cldf_maps else 0
+
     def decoder_cams(self) -> list[str]:
         """Every CAM a CLDF decoder may start from: those of ``metrics.csv`` and of Table 3."""
         return list(dict.fromkeys([*self.cldf_cams(), *self.config["table3"]["cams"]]))
@@ -104,8 +115,9 @@ class Plan(OwnData):
 
     def tune_settings(self) -> dict[str, Any]:
         """Settings of CLDF's decoder tuning (and of the ablation decoders, which reuse its choice)."""
-        choices = self.config["choices"]
-        return {"cldf": self.cldf_settings(), "choices": {k: choices[k] for k in ("quantile", "optimizer", "cluster")},
+        choices, rule = self.config["choices"], self.config["cldf"]["selection"]["threshold"]
+        grids = ("optimizer", "cluster") + (("quantile",) if rule == "quantile" else ())
+        return {"cldf": self.cldf_settings(), "choices": {k: choices[k] for k in grids},
                 "max_train_slices": self.config["features"]["max_train_slices"]}
 
     def segment_settings(self) -> dict[str, Any]:
@@ -141,12 +153,23 @@ class Plan(OwnData):
             return self.catalogue.path("fused_cam", dataset=dataset, cam=method.name)
         return self.catalogue.path("map", dataset=dataset, map=method.store)
 
-    def choice_maps(self, dataset: str) -> tuple[dict[str, str], dict[str, str]]:
-        """Inputs of the map choices: thresholded maps (name → store), per-layer CAMs (name → per-layer store)."""
-        plain = {m.name: self.final_map(dataset, m) for m in self.baseline_maps() if not m.per_layer}
-        layered = {m.name: self.catalogue.path("map", dataset=dataset, map=m.store)
-                   for m in self.baseline_maps() if m.per_layer}
-        return plain, layered
+    def thresholded_maps(self, dataset: str) -> dict[str, str]:
+        """The maps of the baseline rows, name → the store they are thresholded from (a per-layer CAM:
+        fused over its chosen layers)."""
+        return {m.name: self.final_map(dataset, m) for m in self.baseline_maps()}
+
+    def baseline_names(self) -> list[str]:
+        """The rows rule ``baselines`` writes: every thresholded map, then ``intensity``."""
+        return [*(m.name for m in self.baseline_maps()), "intensity"]
+
+    def baseline_masks(self, dataset: str) -> dict[str, str]:
+        """name → test-mask store of every row of :meth:`baseline_names`."""
+        return {name: self.catalogue.path("baseline_masks", dataset=dataset, baseline=name)
+                for name in self.baseline_names()}
+
+    def per_layer_cams(self) -> list[str]:
+        """The configured CAMs stored per layer (their fused layers are chosen on validation)."""
+        return [m.name for m in self.cams() if m.per_layer]
 
     def decoders(self, dataset: str, cam: str) -> dict[str, str]:
         """Segmenter name → decoder checkpoint, for the decoders of one CAM (CLDF and its ablations)."""

@@ -11,7 +11,7 @@ import logging
 import math
 from typing import Any, Mapping
 
-from cldf.config import ConfigError
+from cldf.config import ConfigError, decoder_candidates
 from cldf.io.errors import DataError
 from cldf.io.labels import labels_path, load_labels
 from cldf.io.layouts import case_files, masks_optional
@@ -91,21 +91,17 @@ class OwnData:
 
     def given_choices(self, part: str, cam: str | None = None) -> dict[str, list[Any]]:
         """``{choice: [its name in the source selection.csv, the config's default]}`` of one part of the
-        choices: ``maps`` (LayerCAM layers, map thresholds), ``tuning`` or ``unlabelled`` (of ``cam``).
+        choices: ``layers`` (the fused layers of the per-layer CAM ``cam``), ``tuning`` or ``unlabelled`` (of ``cam``).
 
         A default is the first entry of the ``choices`` grid; choices made for a CAM other than ``cldf.cam``
         are named ``choice@cam`` in a ``selection.csv``.
         """
         grids = self.config["choices"]
-        if part == "maps":
-            out = {f"layers:{m.name}": [f"layers:{m.name}", grids["layercam_layers"][0]]
-                   for m in self.cams() if m.per_layer}  # type: ignore[attr-defined]
-            out.update({f"threshold:{m.name}": [f"threshold:{m.name}", grids["threshold"][0]]
-                        for m in self.baseline_maps()})  # type: ignore[attr-defined]
-            return out
+        if part == "layers":
+            return {f"layers:{cam}": [f"layers:{cam}", grids["layercam_layers"][0]]}
         tag = "" if cam == self.config["cldf"]["cam"] else f"@{cam}"
         if part == "tuning":
-            default = {"quantile": grids["quantile"][0], **grids["optimizer"][0], **grids["cluster"][0]}
+            default = {**decoder_candidates(grids, self.config["cldf"]["selection"]["threshold"])[0], **grids["cluster"][0]}
             return {"decoder": ["decoder" + tag, default]}
         return {name: [name + tag, grids[name][0]] for name in ("conditioning", "gate")}
 

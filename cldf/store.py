@@ -169,11 +169,15 @@ def gather_stores(
 
     Streams one row at a time, so memory does not grow with the number of slices. Attributes are
     ``attrs`` when given, else those of the first non-empty shard; every shard must hold the same arrays.
+    A single shard (the workflow's shards are temporary) is renamed to ``out`` instead of copied.
     """
     shard_paths = list(shard_paths)
     shards = [open_store(p) for p in shard_paths]
     if not shards:
         raise StoreError(f"no shards to gather into {out}")
+    if len(shards) == 1 and attrs is None and not os.path.exists(out):
+        os.replace(shard_paths[0], out)  # one complete shard is the store: moved, not copied (same filesystem)
+        return
     names = sorted(_array_names(shards[0]))
     for path, shard in zip(shard_paths, shards):
         if sorted(_array_names(shard)) != names:

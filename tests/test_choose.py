@@ -1,4 +1,4 @@
-"""Choices made on validation (cldf.evaluate.choose) and the 3-D metrics, on small synthetic stores."""
+"""Choices made on validation (cldf.evaluate.choices) and the 3-D metrics, on small synthetic stores."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cldf.evaluate.choose import choose_maps, chosen, decode, encode, write_rows, read_selection, _rows
+from cldf.evaluate.choices import (choice_rows, choose_layers, choose_thresholds, chosen, decode, encode,
+                                   read_selection, write_rows)
 from cldf.evaluate.metrics import dice_scores, slice_metrics, volume_metrics
 
 from .fixtures_slices import write_map_store, write_slice_store
@@ -17,17 +18,17 @@ SIZE = 24
 
 
 def test_best_candidate_wins_ties_and_no_score_go_to_the_first() -> None:
-    rows = _rows("c", ["a", 0.3, [1, 2]], [0.2, 0.5, 0.5])
+    rows = choice_rows("c", ["a", 0.3, [1, 2]], [0.2, 0.5, 0.5])
     assert [r["chosen"] for r in rows] == [False, True, False]
-    assert [r["chosen"] for r in _rows("c", ["a", "b"], [math.nan, math.nan])] == [True, False]
-    assert [r["chosen"] for r in _rows("c", ["a", "b"], [math.nan, 0.1])] == [False, True]
+    assert [r["chosen"] for r in choice_rows("c", ["a", "b"], [math.nan, math.nan])] == [True, False]
+    assert [r["chosen"] for r in choice_rows("c", ["a", "b"], [math.nan, 0.1])] == [False, True]
     assert chosen(rows, "c") == 0.3
     assert decode(encode({"lr": 1.0, "optimizer": "sgd"})) == {"lr": 1.0, "optimizer": "sgd"}
     assert decode(encode("otsu")) == "otsu" and decode(encode([["layer1", "layer2"]])) == [["layer1", "layer2"]]
 
 
 def test_selection_rows_round_trip(tmp_path: Path) -> None:
-    rows = _rows("threshold:x", ["otsu", 0.4], [0.1, 0.7]) + _rows("layers:y", [["l1"], ["l2", "l3"]], [0.3, 0.2])
+    rows = choice_rows("threshold:x", ["otsu", 0.4], [0.1, 0.7]) + choice_rows("layers:y", [["l1"], ["l2", "l3"]], [0.3, 0.2])
     write_rows(rows, tmp_path / "s.csv")
     frame = read_selection(tmp_path / "s.csv")
     assert list(frame.columns) == ["choice", "value", "val_dice", "chosen"]
@@ -61,9 +62,9 @@ def test_choose_maps_picks_threshold_layers_and_intensity_on_validation(tmp_path
     layers = np.stack([np.zeros_like(maps), maps], axis=1)  # in grid order of first appearance: "b" empty, "a" the map
     layered = write_map_store(tmp_path / "cam", ids, layers=layers)
     grids = {"threshold": ["otsu", 0.5], "layercam_layers": [["b"], ["a", "b"]]}
-    rows = choose_maps(slices, {"m": plain}, {"cam": layered}, grids)
+    assert chosen(choose_layers(slices, layered, "cam", grids), "layers:cam") == ["a", "b"]
+    rows = choose_thresholds(slices, {"m": plain}, grids)
     assert chosen(rows, "threshold:m") == 0.5  # Otsu splits at the distractor, 0.5 isolates the target
-    assert chosen(rows, "layers:cam") == ["a", "b"] and chosen(rows, "threshold:cam") == 0.5
     assert [r["val_dice"] for r in rows if r["choice"] == "threshold:m"][1] == pytest.approx(1.0)
     intensity = {r["value"]: r["val_dice"] for r in rows if r["choice"] == "intensity"}
     assert set(intensity) == {"flair:bright", "flair:dark", "t1:bright", "t1:dark"}

@@ -92,7 +92,8 @@ def test_every_choice_is_recorded_with_its_grid(work: Path) -> None:
         assert counts[f"threshold:{method.name}"] == len(grids["threshold"])
     assert counts["layers:layercam"] == len(grids["layercam_layers"])
     assert counts["intensity"] == 2 * 4  # 4 modalities, bright or dark
-    assert counts["decoder"] == len(grids["quantile"]) * len(grids["optimizer"]) * len(grids["cluster"])
+    quantiles = len(grids["quantile"]) if CONFIG["cldf"]["selection"]["threshold"] == "quantile" else 1
+    assert counts["decoder"] == quantiles * len(grids["optimizer"]) * len(grids["cluster"])
     assert counts["conditioning"] == len(grids["conditioning"]) and counts["gate"] == len(grids["gate"])
     assert (selection.groupby("choice").chosen.sum() == 1).all()
     for choice, frame in selection.groupby("choice"):
@@ -160,7 +161,8 @@ def test_switching_the_cam_reuses_models_features_and_gradients(work: Path) -> N
     _config(work)
     print(dict(jobs), maps)
     assert set(maps) == {"cams/gradcam"}
-    for reused in ["phantom", "slices_shard", "slices", "train_model", "cdm_samples", "fsl_masks"]:
+    for reused in ["phantom", "slices_shard", "slices", "train_model", "cdm_samples", "fsl_masks", "choose_layers",
+                   "fuse_cam"]:
         assert jobs.get(reused, 0) == 0, f"{reused} would re-run after switching cldf.cam"
     for rerun in ["tune_decoder", "decoder_ablation", "choose_unlabelled", "segment_shard", "selection", "metrics",
                   "figure", "nifti"]:
@@ -174,7 +176,7 @@ def test_changing_feature_timesteps_reruns_features_not_cams(work: Path) -> None
     n_shards = Plan(CONFIG).n_shards(DS)
     n_cams = len(Plan(CONFIG).cldf_cams())
     assert jobs.get("map_shard", 0) == n_shards and jobs.get("tune_decoder", 0) == n_cams  # features only
-    for reused in ["train_model", "baseline_masks", "fsl_masks", "choose_maps"]:
+    for reused in ["train_model", "baselines", "fsl_masks", "choose_layers"]:
         assert jobs.get(reused, 0) == 0, f"{reused} would re-run after changing features.timesteps"
 
 
@@ -223,7 +225,7 @@ def test_same_seed_gives_the_same_table(work: Path) -> None:
     decoders train through the same code; the networks' own determinism is tests/test_training_resume.py's.)"""
     names = ["metrics", "metrics_per_case", "differences", "selection", "metrics_3d"]
     before = {name: _path(work, name).read_text() for name in names}
-    run_snakemake(_config(work), ["--cores", "2", "--forcerun", "tune_decoder", "segment_shard", "choose_maps",
+    run_snakemake(_config(work), ["--cores", "2", "--forcerun", "tune_decoder", "segment_shard", "baselines",
                                   "--", *(CAT.path(n, dataset=DS) for n in names)])
     for name in names:
         assert _path(work, name).read_text() == before[name], name

@@ -20,8 +20,8 @@ from cldf.maps.common import feature_noise
 from cldf.models.tensors import normalise_per_slice
 from cldf.maps.features import extract_features
 from cldf.maps.gradients import mean_gradient
-from cldf.maps.cams import fuse_layers
-from cldf.maps.run import fuse_store, run_map
+from cldf.maps.layers import fuse_layers, fuse_store
+from cldf.maps.run import run_map
 from cldf.maps.saliency import cdm_saliency, ddim_timesteps
 from cldf.config import load_config
 from cldf.models.builders import build_model

@@ -22,7 +22,7 @@ import yaml
 from cldf.config import DEFAULT_CONFIG, dataset_settings, deep_merge, load_config
 from cldf.data.phantom import generate_phantom
 from cldf.data.slices import build_shard, gather
-from cldf.evaluate.choose import chosen
+from cldf.evaluate.choices import chosen
 from cldf.evaluate.given import given_rows
 from cldf.evaluate.labels import labels_check_table
 from cldf.io.errors import DataError
@@ -212,9 +212,9 @@ def test_plan_of_a_dataset_without_masks_leaves_evaluation_out_and_gives_the_cho
     assert plan.given_source("own") == [plan.catalogue.path("selection", dataset="brats21")]
     grids = config["choices"]
     assert plan.given_choices("tuning", "layercam") == {"decoder": [
-        "decoder", {"quantile": grids["quantile"][0], **grids["optimizer"][0], **grids["cluster"][0]}]}
+        "decoder", {**grids["optimizer"][0], **grids["cluster"][0]}]}  # Otsu selection: no quantile
     assert plan.given_choices("unlabelled", "amecam")["gate"] == ["gate@amecam", grids["gate"][0]]
-    assert plan.given_choices("maps")["layers:layercam"] == ["layers:layercam", grids["layercam_layers"][0]]
+    assert plan.given_choices("layers", "layercam") == {"layers:layercam": ["layers:layercam", grids["layercam_layers"][0]]}
     assert plan.nnunet_settings("own")["folder"].endswith("own/nnunet/Dataset501_own")
     assert str(tmp_path / "labels.csv") in plan.raw_inputs("own", 0)
 
@@ -436,9 +436,9 @@ def _example_workdir(work: Path, n_cases: int, n_new: int, shape: tuple[int, int
 def test_own_data_workflow_plans_given_choices_and_no_ground_truth(tmp_path: Path) -> None:
     name, config = _example_workdir(tmp_path, n_cases=3, n_new=1, shape=SHAPE)
     jobs = planned_jobs(config, [f"results/{name}/{t}/manifest.csv" for t in TARGETS])
-    assert {"given_map_choices", "given_tuning", "given_unlabelled", "pseudo_mask_shard", "nnunet",
+    assert {"given_layer_choices", "given_tuning", "given_unlabelled", "pseudo_mask_shard", "nnunet",
             "predict_shard"} <= set(jobs)
-    assert not {"choose_maps", "tune_decoder", "choose_unlabelled", "metrics", "labels_check"} & set(jobs)
+    assert not {"choose_layers", "baselines", "tune_decoder", "choose_unlabelled", "metrics", "labels_check"} & set(jobs)
     assert set(planned_jobs(config, [f"results/{name}/models/cdm_samples.png"])) == {
         "slices_shard", "slices", "train_model", "cdm_samples"}
 
@@ -450,7 +450,7 @@ def test_own_data_workflow_with_masks_too_chooses_on_validation_and_checks_the_t
     config = tiny_config(tmp_path, {"datasets": {"own": ds}})
     jobs = planned_jobs(config, ["results/own/pseudo_masks/manifest.csv"])
     assert {"labels_check", "tune_decoder", "choose_unlabelled", "pseudo_mask_shard"} <= set(jobs)
-    assert not {"given_map_choices", "given_tuning", "given_unlabelled"} & set(jobs)
+    assert not {"given_layer_choices", "given_tuning", "given_unlabelled"} & set(jobs)
 
 
 @pytest.fixture(scope="module")

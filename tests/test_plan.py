@@ -90,9 +90,11 @@ def test_a_per_layer_cam_is_read_fused() -> None:
     plan = _plan()
     assert plan.final_map("d", MAPS["layercam"]) == "results/d/cams/layercam.zarr"
     assert plan.final_map("d", MAPS["gradcam"]) == "results/d/cams/gradcam.zarr"
-    plain, layered = plan.choice_maps("d")
-    assert layered == {"layercam": "results/d/cams/layercam_layers.zarr"} and "layercam" not in plain
-    assert set(plain) == {"gradcam", "gradcampp", "scorecam", "amecam", "mean_gradient", "cdm_saliency", "cdm_hu", "seam", "dig"}
+    maps = plan.thresholded_maps("d")
+    assert maps["layercam"] == "results/d/cams/layercam.zarr" and plan.per_layer_cams() == ["layercam"]
+    assert set(maps) == {"gradcam", "gradcampp", "scorecam", "layercam", "amecam", "mean_gradient", "cdm_saliency",
+                         "cdm_hu", "seam", "dig"}
+    assert plan.baseline_masks("d")["intensity"] == "results/d/baselines/intensity/masks.zarr"
 
 
 def test_default_target_builds_every_evaluation_file() -> None:
@@ -110,7 +112,9 @@ def test_each_step_gets_only_the_settings_it_depends_on() -> None:
     assert plan.map_settings("cams/layercam_layers")["rows"] == "all"  # CLDF starts from LayerCAM
     assert plan.map_settings("cams/scorecam")["rows"] == "evaluation"  # a baseline only
     assert set(plan.map_settings("features")) == {"timesteps", "layers", "batch_size", "max_train_slices"}
-    assert set(plan.tune_settings()["choices"]) == {"quantile", "optimizer", "cluster"}
+    assert set(plan.tune_settings()["choices"]) == {"optimizer", "cluster"}  # Otsu selection: no quantile grid
+    by_quantile = _plan(cldf={"selection": {"threshold": "quantile"}})
+    assert set(by_quantile.tune_settings()["choices"]) == {"quantile", "optimizer", "cluster"}
     assert set(plan.unlabelled_settings()["choices"]) == {"conditioning", "gate"}
     changed = _plan(choices={"layercam_layers": [["layer2"]]})
     for name in cam_methods():
@@ -121,3 +125,11 @@ def test_each_step_gets_only_the_settings_it_depends_on() -> None:
 
 def test_phantom_dataset_reads_its_manifest() -> None:
     assert _plan().raw_inputs("synthetic", 0) == ["results/synthetic/phantom.json"]
+
+
+def test_jobs_cldf_waits_for_start_first() -> None:
+    plan = _plan()
+    models = ["cdm", "noisy_classifier", "cam_classifier", "amecam", "fsl_unet", "seam", "dig"]
+    assert [plan.priority("model", k) for k in models] == [4, 3, 2, 2, 1, 1, 1]
+    assert plan.priority("map", "features") == plan.priority("map", "cams/layercam_layers") == 1
+    assert plan.priority("map", "cdm_saliency") == plan.priority("map", "cams/scorecam") == 0

@@ -19,8 +19,8 @@ def test_dry_run_of_default_target_plans_every_stage(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     jobs = planned_jobs(cfg)
     for rule in ["phantom", "slices_shard", "slices", "train_model", "map_shard", "gather_map", "fuse_cam",
-                 "choose_maps", "tune_decoder", "decoder_ablation", "choose_unlabelled", "selection", "segment_shard",
-                 "cldf_masks", "baseline_masks", "fsl_masks", "nifti", "metrics", "metrics_3d", "figure",
+                 "choose_layers", "tune_decoder", "decoder_ablation", "choose_unlabelled", "selection", "segment_shard",
+                 "cldf_masks", "baselines", "fsl_masks", "nifti", "metrics", "metrics_3d", "figure",
                  "cdm_samples"]:
         assert jobs.get(rule, 0) >= 1, f"rule {rule} missing from the plan: {jobs}"
     # the CDM, two classifiers, the fully supervised UNet, and AME-CAM's, SEAM's and DiG's networks
@@ -30,7 +30,7 @@ def test_dry_run_of_default_target_plans_every_stage(tmp_path: Path) -> None:
     n_maps = 7 + 5
     assert jobs["map_shard"] == n_maps * jobs["slices_shard"] and jobs["gather_map"] == n_maps
     assert jobs["segment_shard"] == 2 * jobs["slices_shard"]  # both protocols
-    assert jobs["baseline_masks"] == 5 + 5 + 1  # the CAMs; MG, the two CDM saliencies, SEAM, DiG; intensity
+    assert jobs["baselines"] == 1 and jobs["choose_layers"] == 1  # every thresholded map in one job; LayerCAM's layers
 
 
 def test_config_typo_names_the_key(tmp_path: Path) -> None:

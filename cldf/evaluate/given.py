@@ -14,7 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from cldf.evaluate.choose import chosen, decoder_settings, encode, read_selection
+from cldf.evaluate.choices import chosen, encode, read_selection
+from cldf.evaluate.choose import decoder_settings
 from cldf.segment.features import StoredFeatures
 from cldf.segment.train import train_decoder
 

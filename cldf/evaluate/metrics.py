@@ -11,6 +11,9 @@ Empty-mask conventions (MONAI returns nan/inf there; we set the values explicitl
 HD95 is the symmetric 95th-percentile Hausdorff distance between the mask boundaries (MONAI
 ``compute_hausdorff_distance(percentile=95)``), in pixels of the evaluated image size (e.g. 64 x 64 for
 the CPU preset, 256 x 256 for the paper's), unless a pixel ``spacing`` is given.
+
+torch and MONAI are imported by the functions that call MONAI: :func:`dice_scores` (numpy) is what the
+light choice jobs use, and importing MONAI costs each of them seconds.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
 
 METRIC_COLUMNS = ("dice", "iou", "hd95")
 
@@ -59,6 +60,9 @@ def slice_metrics(
     DataFrame with B rows and the float columns ``dice``, ``iou``, ``hd95`` (see the module docstring
     for the empty-mask conventions).
     """
+    import torch
+    from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou
+
     pred = np.asarray(pred).astype(bool)
     gt = np.asarray(gt).astype(bool)
     if pred.shape != gt.shape or pred.ndim != 3:
@@ -105,6 +109,9 @@ def volume_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -
 
     Both empty: Dice 1, HD95 0; exactly one empty: Dice 0, HD95 = the volume's diagonal.
     """
+    import torch
+    from monai.metrics import compute_hausdorff_distance
+
     pred, gt = np.asarray(pred).astype(bool), np.asarray(gt).astype(bool)
     if pred.shape != gt.shape or pred.ndim != 3:
         raise ValueError(f"pred {pred.shape} and gt {gt.shape} must both be (X, Y, Z)")

@@ -11,12 +11,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from cldf.maps.common import Batch
+from cldf.maps.layers import candidate_layers
 from cldf.models.tensors import named_layers, normalise_per_slice
 
 POSITIVE = 1
@@ -168,17 +168,6 @@ def layercam_per_layer(acts: Sequence[torch.Tensor], grads: Sequence[torch.Tenso
     return torch.stack(maps, dim=1)
 
 
-def candidate_layers(subsets: Sequence[Sequence[str]]) -> list[str]:
-    """The layers of a grid of layer subsets, each once, in order of first appearance."""
-    return list(dict.fromkeys(layer for subset in subsets for layer in subset))
-
-
-def fuse_layers(per_layer: torch.Tensor | np.ndarray, names: Sequence[str], chosen: Sequence[str]):
-    """Element-wise maximum over the ``chosen`` layers of per-layer maps (B, L, H, W) → (B, H, W)."""
-    index = [list(names).index(name) for name in chosen]
-    return per_layer[:, index].max(axis=1) if isinstance(per_layer, np.ndarray) else per_layer[:, index].amax(dim=1)
-
-
 def positive_probability(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The classifier's positive-class probability: images (B, C, H, W) -> float32 (B,)."""
     with torch.inference_mode():
@@ -201,7 +190,7 @@ def gradcampp(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> di
 def layercam_layers(model: nn.Module, batch: Batch, settings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Registered CAM ``layercam``, per layer: ``layers`` (B, L, H, W) in [0, 1] for every layer of the
     candidate subsets ``settings["layercam_layers"]`` (:func:`candidate_layers` order). Which subset is fused
-    (element-wise max, :func:`fuse_layers`) is chosen on validation."""
+    (element-wise max, :func:`cldf.maps.layers.fuse_layers`) is chosen on validation."""
     names = candidate_layers(settings["layercam_layers"])
     acts, grads = _activations_and_grads(model, batch.images, names)
     return {"layers": layercam_per_layer(acts, grads, batch.images.shape[2:])}

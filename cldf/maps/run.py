@@ -18,10 +18,9 @@ from torch import nn
 from tqdm import tqdm
 
 from cldf.data.splits import feature_rows
-from cldf.maps.cams import fuse_layers
 from cldf.maps.common import Batch
 from cldf.registry import MapMethod
-from cldf.store import ArrayStoreWriter, MapStore, SliceStore
+from cldf.store import ArrayStoreWriter, SliceStore
 
 PathLike = str | os.PathLike
 DTYPES = {"probs": np.float32}
@@ -60,20 +59,6 @@ def map_rows(store: SliceStore, method: MapMethod, cases: Sequence[int], setting
     if rows == "decoder":
         return np.intersect1d(ids, feature_rows(store, int(settings["max_train_slices"]), seed))
     return ids
-
-
-def fuse_store(per_layer_path: PathLike, names: Sequence[str], chosen: Sequence[str], out: PathLike) -> None:
-    """Write ``maps`` (N, H, W), the element-wise maximum over the ``chosen`` of the layers ``names`` of a
-    per-layer CAM store (``layers`` (N, L, H, W)), streamed in blocks."""
-    store = MapStore(per_layer_path)
-    size = store.group["layers"].shape[-1]
-    arrays = {"slice_ids": ((), np.int64), "maps": ((size, size), np.float16)}
-    attrs = {**store.attrs, "fused_layers": list(chosen)}
-    with ArrayStoreWriter(out, len(store.slice_ids), arrays, attrs) as writer:
-        for start in range(0, len(store.slice_ids), 256):
-            ids = store.slice_ids[start : start + 256]
-            writer.write("slice_ids", start, ids)
-            writer.write("maps", start, fuse_layers(store.read("layers", ids).astype(np.float32), names, chosen))
 
 
 def run_map(

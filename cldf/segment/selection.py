@@ -21,7 +21,7 @@ RULES = ("otsu", "quantile")
 MODES = tuple(MODE_MAPS)
 
 
-def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quantile: float = 0.8) -> torch.Tensor:
+def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quantile: float | None = None) -> torch.Tensor:
     """Activated pixels of each map, thresholded per slice inside the body.
 
     Parameters
@@ -34,7 +34,7 @@ def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quanti
         ``otsu`` (skimage's Otsu threshold of the body pixels) or ``quantile`` (the ``quantile``-th
         quantile of the body pixels).
     quantile
-        Quantile in (0, 1) for rule ``quantile``.
+        Quantile in (0, 1) for rule ``quantile`` (unused by ``otsu``).
 
     Returns
     -------
@@ -43,7 +43,7 @@ def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quanti
     """
     if rule not in RULES:
         raise ValueError(f"unknown threshold rule {rule!r}; expected one of {RULES}")
-    if rule == "quantile" and not 0.0 < quantile < 1.0:
+    if rule == "quantile" and (quantile is None or not 0.0 < quantile < 1.0):
         raise ValueError(f"quantile must be in (0, 1), got {quantile}")
     if maps.shape != body.shape:
         raise ValueError(f"maps {tuple(maps.shape)} and body {tuple(body.shape)} differ in shape")
@@ -69,7 +69,7 @@ def select_pixels(
     body: torch.Tensor,
     mode: str = "fused",
     rule: str = "otsu",
-    quantile: float = 0.8,
+    quantile: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground and background training pixels of a batch of slices.
 

@@ -58,7 +58,7 @@ class _Source:
         labels = torch.from_numpy(self.slices.labels[missing].astype(np.int64))
         fg, bg = select_pixels(
             _read_map(self.cam, missing), _read_map(self.mg, missing), labels, torch.from_numpy(self.slices.body(missing)),
-            mode=self.selection["mode"], rule=self.selection["threshold"], quantile=float(self.selection["quantile"]),
+            mode=self.selection["mode"], rule=self.selection["threshold"], quantile=self.selection.get("quantile"),
         )
         for k, sid in enumerate(missing):
             self._selected[int(sid)] = (fg[k], bg[k])

@@ -1,27 +1,29 @@
-# Every open choice, made on the validation split (cldf.evaluate.choose): thresholds of the baseline maps,
-# LayerCAM's layers and the intensity channel; CLDF's selection quantile and decoder optimiser (the best
-# candidate decoder is kept); the unlabelled protocol's CDM conditioning and gate. selection.csv gathers them.
+# Every open choice, made on the validation split: LayerCAM's layers (cldf.evaluate.choices; the thresholds
+# of the baseline maps and the intensity channel are chosen by rule `baselines`); CLDF's decoder optimiser
+# (the best candidate decoder is kept) and the unlabelled protocol's CDM conditioning and gate
+# (cldf.evaluate.choose). selection.csv gathers them.
 
 
-rule choose_maps:
+rule choose_layers:
+    """The layers a per-layer CAM (LayerCAM) is fused over, chosen on validation; CLDF's CAM path needs only this."""
     input:
         slices=CAT.pattern("slices"),
-        maps=lambda w: list(PLAN.choice_maps(w.dataset)[0].values()) + list(PLAN.choice_maps(w.dataset)[1].values()),
+        map=lambda w: CAT.path("map", dataset=w.dataset, map=MAPS[w.cam].store),
     output:
-        CAT.pattern("map_choices"),
+        CAT.pattern("layer_choices"),
     params:
-        maps=lambda w: as_json(PLAN.choice_maps(w.dataset)[0]),
-        per_layer=lambda w: as_json(PLAN.choice_maps(w.dataset)[1]),
         settings=as_json(PLAN.map_choice_settings()),
+    wildcard_constraints:
+        cam="|".join(PLAN.per_layer_cams()) or "-",
     log:
-        CAT.log(CAT.pattern("map_choices")),
+        CAT.log(CAT.pattern("layer_choices")),
     resources:
-        mem_mb=4000,
+        mem_mb=2000,
         runtime=30,
     conda:
         CONDA_ENV
     shell:
-        "cldf choose-maps --slices {input.slices:q} --maps {params.maps:q} --per-layer {params.per_layer:q}"
+        "cldf choose-layers --slices {input.slices:q} --map {input.map:q} --name {wildcards.cam}"
         " --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -44,6 +46,7 @@ rule tune_decoder:
     benchmark:
         CAT.benchmark(CAT.pattern("tuning"))
     threads: TRAIN_THREADS
+    priority: 1
     resources:
         mem_mb=6000,
         runtime=120,
@@ -121,8 +124,8 @@ rule choose_unlabelled:
 rule selection:
     """Every choice made on validation, with the grid it was picked from (choice, value, val_dice, chosen)."""
     input:
-        parts=[CAT.pattern("map_choices"), CAT.pattern("tuning", cam=config["cldf"]["cam"]),
-               CAT.pattern("unlabelled_choices", cam=config["cldf"]["cam"])],
+        parts=[CAT.pattern("map_choices"), *[CAT.pattern("layer_choices", cam=cam) for cam in PLAN.per_layer_cams()],
+               CAT.pattern("tuning", cam=config["cldf"]["cam"]), CAT.pattern("unlabelled_choices", cam=config["cldf"]["cam"])],
         tagged=lambda w: list(tagged_choices(w.dataset)),
     output:
         SELECTION,

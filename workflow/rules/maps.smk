@@ -22,6 +22,7 @@ rule map_shard:
     benchmark:
         CAT.benchmark(CAT.pattern("map_shard"))
     threads: 1
+    priority: lambda w: PLAN.priority("map", w.map)
     resources:
         mem_mb=4000,
         runtime=120,
@@ -55,13 +56,13 @@ rule fuse_cam:
     """Fuse a per-layer CAM (LayerCAM) over the layers chosen on validation."""
     input:
         map=lambda w: CAT.path("map", dataset=w.dataset, map=MAPS[w.cam].store),
-        choices=CAT.pattern("map_choices"),
+        choices=CAT.pattern("layer_choices"),
     output:
         directory(CAT.pattern("fused_cam")),
     params:
         settings=as_json(PLAN.map_choice_settings()),
     wildcard_constraints:
-        cam="|".join(m.name for m in PLAN.cams() if m.per_layer) or "-",
+        cam="|".join(PLAN.per_layer_cams()) or "-",
     log:
         CAT.log(CAT.pattern("fused_cam")),
     resources:

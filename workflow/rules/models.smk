@@ -21,6 +21,7 @@ rule train_model:
     benchmark:
         CAT.benchmark(CAT.pattern("model"))
     threads: TRAIN_THREADS
+    priority: lambda w: PLAN.priority("model", w.model)
     params:
         device=DEVICE,
         seed=SEED,

@@ -10,19 +10,19 @@ MASK_FREE = planned(PLAN.mask_free_pattern)
 CLDF_CAM = config["cldf"]["cam"]
 
 
-rule given_map_choices:
-    """LayerCAM's layers and the map thresholds of a dataset without masks: given, not chosen."""
+rule given_layer_choices:
+    """The layers a per-layer CAM of a dataset without masks is fused over: given, not chosen."""
     input:
         source=given_source,
     output:
-        CAT.pattern("map_choices"),
+        CAT.pattern("layer_choices"),
     params:
-        settings=as_json({"given": PLAN.given_choices("maps")}),
+        settings=lambda w: as_json({"given": PLAN.given_choices("layers", w.cam)}),
         source=source_option,
     wildcard_constraints:
         dataset=MASK_FREE,
     log:
-        CAT.log(CAT.pattern("map_choices")),
+        CAT.log(CAT.pattern("layer_choices")),
     resources:
         mem_mb=1000,
         runtime=10,
@@ -89,7 +89,7 @@ rule given_unlabelled:
         "cldf given-choices --settings {params.settings:q} {params.source} --out {output:q} > {log:q} 2>&1"
 
 
-ruleorder: given_map_choices > choose_maps
+ruleorder: given_layer_choices > choose_layers
 ruleorder: given_tuning > tune_decoder
 ruleorder: given_unlabelled > choose_unlabelled
 

@@ -53,29 +53,30 @@ rule cldf_masks:
         "cldf gather --shards {input:q} --out {output:q} > {log:q} 2>&1"
 
 
-rule baseline_masks:
-    """Threshold a CAM, MG or saliency map (threshold chosen on validation), or one image channel (the
-    intensity row: channel and side chosen on validation), into masks of the test slices."""
+rule baselines:
+    """The baseline rows: each thresholded map (a CAM, MG, a saliency map; its threshold chosen on
+    validation) and one image channel (the intensity row: channel and side chosen on validation) turned
+    into masks of the test slices. One short job: it only reads maps and thresholds them."""
     input:
         slices=CAT.pattern("slices"),
-        map=lambda w: [] if w.baseline == "intensity" else PLAN.final_map(w.dataset, MAPS[w.baseline]),
-        choices=CAT.pattern("map_choices"),
+        maps=lambda w: list(PLAN.thresholded_maps(w.dataset).values()),
     output:
-        directory(CAT.pattern("baseline_masks")),
+        choices=CAT.pattern("map_choices"),
+        masks=[directory(CAT.pattern("baseline_masks", baseline=name)) for name in PLAN.baseline_names()],
     params:
-        map=lambda w, input: f"--map {shlex.quote(input.map)}" if input.map else "",
-    wildcard_constraints:
-        baseline="|".join([m.name for m in PLAN.baseline_maps()] + ["intensity"]),
+        maps=lambda w: as_json(PLAN.thresholded_maps(w.dataset)),
+        masks=lambda w: as_json(PLAN.baseline_masks(w.dataset)),
+        settings=as_json(PLAN.map_choice_settings()),
     log:
-        CAT.log(CAT.pattern("baseline_masks")),
+        CAT.log(CAT.pattern("map_choices")),
     resources:
         mem_mb=2000,
         runtime=30,
     conda:
         CONDA_ENV
     shell:
-        "cldf baseline --slices {input.slices:q} {params.map} --name {wildcards.baseline}"
-        " --choices {input.choices:q} --out {output:q} > {log:q} 2>&1"
+        "cldf baselines --slices {input.slices:q} --maps {params.maps:q} --masks {params.masks:q}"
+        " --settings {params.settings:q} --choices-out {output.choices:q} > {log:q} 2>&1"
 
 
 rule fsl_masks:
