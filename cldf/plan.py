@@ -218,8 +218,7 @@ class Plan(OwnData):
 
     def figure_baselines(self, dataset: str) -> dict[str, str]:
         """Thresholded maps, for the figure's 'best baseline' column: name → masks store."""
-        return {m.name: self.catalogue.path("baseline_masks", dataset=dataset, baseline=m.name)
-                for m in self.baseline_maps()}
+        return {name: path for name, path in self.baseline_masks(dataset).items() if name != "intensity"}
 
     def ablation_settings(self, table: str = "ablation") -> dict[str, Any]:
         """What a lever table depends on: CLDF's settings, the levers (config key ``table``: ``ablation``
