@@ -211,6 +211,10 @@ def cmd_segment(args: argparse.Namespace) -> None:
     ids = slices.indices(split="test", cases=args.cases)
     if args.protocol == "labelled":
         conditioning, segment = "label", slices.labels[ids] != 0
+    elif not args.choices:
+        from cldf.config import ConfigError
+
+        raise ConfigError("the unlabelled protocol needs --choices (its CDM conditioning is chosen on validation)")
     else:
         conditioning, segment = _chosen(args.choices, "conditioning"), ids >= 0
     features = decoder_inputs(ComputedFeatures(_model(args.cdm, "cdm", args), slices, args.settings["features"],
@@ -354,7 +358,8 @@ COMMANDS: dict[str, tuple[str, Command]] = {
         _option("mode", choices=["cam", "mg"]), _option("tuning"), _SETTINGS, _OUT])),
     "segment": ("K-means masks of one shard's test slices under one protocol", (cmd_segment, [
         _SLICES, _option("cdm"), _option("decoders", **_JSON), _option("protocol", choices=["labelled", "unlabelled"]),
-        _CHOICES, _option("tuning"), _option("probs"), _SETTINGS, _CASES, _OUT])),
+        _option("choices", required=False, help="the unlabelled protocol's choices (CSV); unlabelled protocol only"),
+        _option("tuning"), _option("probs"), _SETTINGS, _CASES, _OUT])),
     "baselines": ("choose thresholds and the intensity channel on validation; threshold maps into test masks", (
         cmd_baselines, [_SLICES, _option("maps", **_JSON, help="map name → store"),
                         _option("masks", **_JSON, help="map name or 'intensity' → masks store"), _SETTINGS,

@@ -96,12 +96,15 @@ class Plan(OwnData):
         """Scheduling priority of a ``model`` or ``map`` job (Snakemake starts the highest of the ready jobs
         first): what CLDF's decoders wait for, the longest first (the CDM, then the noisy classifier, then
         the networks of CLDF's CAMs), then the other networks (long jobs, better started early) and the maps
-        CLDF reads; the comparison methods' maps fill the cores beside."""
+        CLDF reads (features, mean gradient and CLDF's CAMs before any other network); the comparison
+        methods' maps fill the cores beside. A map's gather job has its map's priority; CLDF's later steps
+        (layer choice, tuning, segmentation) have 2."""
         cam_models = {k for cam in self.cldf_cams() for k in MAPS[cam].models}
         if step == "model":
             return {"cdm": 4, "noisy_classifier": 3}.get(name, 2 if name in cam_models else 1)
-        cldf_maps = {"features", "mean_gradient", "classifier_probs", *(MAPS[cam].store for cam in self.cldf_cams())}
-        return 1 if name in cldf_maps else 0
+        if name in {"features", "mean_gradient", *(MAPS[cam].store for cam in self.cldf_cams())}:
+            return 3  # what CLDF's decoders train on: short jobs that start CLDF's path as soon as they can
+        return 1 if name == "classifier_probs" else 0
 
     def decoder_cams(self) -> list[str]:
         """Every CAM a CLDF decoder may start from: those of ``metrics.csv`` and of Table 3."""
@@ -171,21 +174,24 @@ class Plan(OwnData):
         """The configured CAMs stored per layer (their fused layers are chosen on validation)."""
         return [m.name for m in self.cams() if m.per_layer]
 
-    def decoders(self, dataset: str, cam: str) -> dict[str, str]:
-        """Segmenter name → decoder checkpoint, for the decoders of one CAM (CLDF and its ablations)."""
+    def decoders(self, dataset: str, cam: str, ablation: bool = False) -> dict[str, str]:
+        """Segmenter name → decoder checkpoint of one CAM: CLDF's (rows of ``metrics.csv``), or with
+        ``ablation`` its selection ablations (CAM + CL, MG + CL: rows of Table 3 only)."""
         return {name: self.catalogue.path("decoder", dataset=dataset, cam=cam, selection=mode)
-                for mode, name in DECODERS.items()}
+                for mode, name in DECODERS.items() if SEGMENTERS[name].ablation == ablation}
 
     def rows(self, dataset: str) -> list[dict[str, Any]]:
         """Every row of the comparison table: ``protocol, method, cam, masks, array, gated``.
 
-        Under each protocol: the thresholded maps, then the segmenters; CLDF and its selection ablations
-        once per CAM of :meth:`cldf_cams` (``cam`` names it; ``mg_cl``'s too, as its decoder is tuned with it).
+        Under each protocol: the thresholded maps, then the segmenters; CLDF once per CAM of
+        :meth:`cldf_cams` (``cam`` names it). CLDF's selection ablations are rows of :meth:`table3_rows` only.
         """
         rows = []
         for protocol in self.config["evaluate"]["protocols"]:
             rows += [self._map_row(dataset, protocol, method) for method in self.baseline_maps()]
             for name, segmenter in SEGMENTERS.items():
+                if segmenter.ablation:
+                    continue
                 if not segmenter.selection:
                     rows.append({"protocol": protocol, "method": name, "cam": "", "array": "masks", "gated": segmenter.gated,
                                  "masks": self.catalogue.path("baseline_masks", dataset=dataset, baseline=name)})
@@ -199,13 +205,17 @@ class Plan(OwnData):
                 "array": "masks", "gated": True}
 
     def _decoder_row(self, dataset: str, protocol: str, segmenter: str, cam: str) -> dict[str, Any]:
-        masks = self.catalogue.path("cldf_masks", dataset=dataset, cam=cam, protocol=protocol)
+        if SEGMENTERS[segmenter].ablation:
+            masks = self.catalogue.path("ablation_masks", dataset=dataset, cam=cam)
+        else:
+            masks = self.catalogue.path("cldf_masks", dataset=dataset, cam=cam, protocol=protocol)
         return {"protocol": protocol, "method": segmenter, "cam": cam, "masks": masks, "array": segmenter,
                 "gated": SEGMENTERS[segmenter].gated}
 
     def table3_rows(self, dataset: str) -> list[dict[str, Any]]:
         """Rows of Table 3 (selection), labelled protocol: per CAM of ``table3.cams`` the CAM alone, then the
-        decoders of each selection mode (CAM + CL, MG + CL, CAM ∧ MG + CL = CLDF)."""
+        decoders of each selection mode (CAM + CL, MG + CL: masks of :meth:`decoders` with ``ablation``;
+        CAM ∧ MG + CL = CLDF)."""
         rows = []
         for cam in self.config["table3"]["cams"]:
             rows.append(self._map_row(dataset, "labelled", MAPS[cam]))
@@ -237,7 +247,7 @@ class Plan(OwnData):
         if not self.has_masks(dataset):
             return self.without_masks_targets(dataset)
         c, cam = self.catalogue, self.config["cldf"]["cam"]
-        names = ["metrics", "metrics_per_case", "differences", "selection", "metrics_3d", "figure", "cdm_samples"]
+        names = ["metrics", "metrics_per_case", "differences", "selection", "metrics_3d", "figure"]
         return [*(c.path(name, dataset=dataset) for name in names), c.path("nifti", dataset=dataset, cam=cam)]
 
     def default_targets(self) -> list[str]:

@@ -164,7 +164,8 @@ class Segmenter:
     ``selection`` is the pixel-selection mode of a CLDF decoder (:data:`SELECTION_MAPS`), or ``None``;
     ``label`` may hold ``{cam}``, the label of the CAM the row starts from; ``gated``: under the unlabelled
     protocol its masks of slices the classifier calls negative are emptied (every row but the fully
-    supervised UNet, which needs no classifier).
+    supervised UNet, which needs no classifier). ``ablation``: a selection ablation of CLDF, a row of
+    Table 3 only (``table3.csv``), not of the comparison table ``metrics.csv``.
     """
 
     name: str
@@ -172,6 +173,7 @@ class Segmenter:
     selection: str | None = None
     gated: bool = True
     paper: Mapping[str, float] = field(default_factory=dict)
+    ablation: bool = False
 
     @property
     def uses_cam(self) -> bool:
@@ -183,8 +185,8 @@ SEGMENTERS: dict[str, Segmenter] = {
     for s in [
         Segmenter("intensity", "Intensity threshold (one channel)"),
         Segmenter("CLDF", "CLDF ({cam})", "fused", paper={"brats": 0.880}),
-        Segmenter("cam_cl", "{cam}+CL", "cam"),
-        Segmenter("mg_cl", "MG+CL (tuned with {cam})", "mg"),
+        Segmenter("cam_cl", "{cam}+CL", "cam", ablation=True),
+        Segmenter("mg_cl", "MG+CL (tuned with {cam})", "mg", ablation=True),
         Segmenter("fsl_unet", "FSL UNet (upper bound)", gated=False),
     ]
 }

@@ -63,7 +63,8 @@ def test_table_has_every_registered_row_under_both_protocols(work: Path) -> None
     rows = Plan(CONFIG).rows(DS)
     assert [tuple(r) for r in table[["protocol", "method", "cam"]].to_numpy()] == [
         (r["protocol"], r["method"], r["cam"]) for r in rows]
-    assert {"CLDF", "cam_cl", "mg_cl", "fsl_unet", "intensity", "gradcampp", "cdm_saliency"} <= set(table.method)
+    assert {"CLDF", "fsl_unet", "intensity", "gradcampp", "cdm_saliency"} <= set(table.method)
+    assert not {"cam_cl", "mg_cl"} & set(table.method)  # the selection ablations are Table 3's
     assert set(table.protocol) == {"labelled", "unlabelled"}
     numbers = table.replace("", np.nan)
     assert numbers.dice_mean.astype(float).between(0, 1).all() and (numbers.n_cases.astype(int) >= 1).all()
@@ -164,7 +165,7 @@ def test_switching_the_cam_reuses_models_features_and_gradients(work: Path) -> N
     for reused in ["phantom", "slices_shard", "slices", "train_model", "cdm_samples", "fsl_masks", "choose_layers",
                    "fuse_cam"]:
         assert jobs.get(reused, 0) == 0, f"{reused} would re-run after switching cldf.cam"
-    for rerun in ["tune_decoder", "decoder_ablation", "choose_unlabelled", "segment_shard", "selection", "metrics",
+    for rerun in ["tune_decoder", "choose_unlabelled", "segment_shard", "selection", "metrics",
                   "figure", "nifti"]:
         assert jobs.get(rerun, 0) >= 1, f"{rerun} should re-run after switching cldf.cam"
 
@@ -178,6 +179,25 @@ def test_changing_feature_timesteps_reruns_features_not_cams(work: Path) -> None
     assert jobs.get("map_shard", 0) == n_shards and jobs.get("tune_decoder", 0) == n_cams  # features only
     for reused in ["train_model", "baselines", "fsl_masks", "choose_layers"]:
         assert jobs.get(reused, 0) == 0, f"{reused} would re-run after changing features.timesteps"
+
+
+def test_table3_trains_the_selection_ablations_on_request_only(work: Path) -> None:
+    """The default target trains CLDF's decoder only; Table 3 adds the CAM-alone and MG-alone decoders and
+    their (labelled) segmentation, reusing everything else."""
+    config = _config(work, {"table3": {"cams": ["layercam"]}})
+    target = CAT.path("table3", dataset=DS)
+    jobs = planned_jobs(config, [target])
+    assert dict(jobs) == {"decoder_ablation": 2, "ablation_shard": Plan(CONFIG).n_shards(DS), "ablation_masks": 1,
+                          "table3": 1}, dict(jobs)
+    run_snakemake(config, ["--cores", "2", target])
+    _config(work)
+    table = pd.read_csv(work / target, keep_default_na=False)
+    assert list(table.selection) == ["CAM alone", "CAM + CL", "MG + CL", "CAM ∧ MG + CL"]
+    assert table.dice_mean.between(0, 1).all()
+    ablations = MapStore(_path(work, "ablation_masks", cam="layercam"))
+    cldf = MapStore(_path(work, "cldf_masks", cam="layercam", protocol="labelled"))
+    assert list(ablations.slice_ids) == list(cldf.slice_ids)
+    assert not np.array_equal(ablations.read("cam_cl", ablations.slice_ids), cldf.read("CLDF", cldf.slice_ids))
 
 
 def _cldf(workdir: Path, *args: str) -> None:
@@ -206,7 +226,7 @@ def test_unlabelled_rows_never_read_a_test_label(work: Path, tmp_path: Path) -> 
               "--settings", json.dumps(plan.segment_settings()), "--cases", cases, "--out", str(tmp_path / protocol))
         original, again = MapStore(_path(work, "cldf_masks", cam=cam, protocol=protocol)), MapStore(tmp_path / protocol)
         same = all(np.array_equal(original.read(n, original.slice_ids), again.read(n, original.slice_ids))
-                   for n in ("CLDF", "cam_cl", "mg_cl"))
+                   for n in ("CLDF",))
         assert same == (protocol == "unlabelled"), protocol
     rows = [{**r, "masks": str(work / r["masks"])} for r in plan.rows(DS)]
     _cldf(work, "metrics", "--slices", str(copy), "--test-truth", CAT.path("test_truth", dataset=DS), "--probs",

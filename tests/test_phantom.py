@@ -22,7 +22,7 @@ MODALITIES = ("flair", "t1", "t1ce", "t2")
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, float]:
-    """The default synthetic dataset (40 cases of 64 × 64 × 24) and the seconds it took to generate."""
+    """The default synthetic dataset (40 cases of 64 × 64 × 12) and the seconds it took to generate."""
     ds = dataset_settings(load_config(DEFAULT_CONFIG), "synthetic")
     ds["root"] = str(tmp_path_factory.mktemp("phantom") / "raw")
     start = time.perf_counter()
@@ -39,9 +39,9 @@ def test_layout_and_reader(phantom) -> None:
     )
     assert not [p for p in root.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     img = nib.load(str(root / "Synth_000/Synth_000_flair.nii.gz"))
-    assert img.shape == (64, 64, 24) and img.get_data_dtype() == np.int16
+    assert img.shape == (64, 64, 12) and img.get_data_dtype() == np.int16
     case = read_case(ds, "Synth_000")
-    assert case.image.shape == (4, 64, 64, 24) and nib.aff2axcodes(case.canonical_affine) == ("R", "A", "S")
+    assert case.image.shape == (4, 64, 64, 12) and nib.aff2axcodes(case.canonical_affine) == ("R", "A", "S")
     assert seconds < 60  # about 8 s on one free core
 
 

@@ -38,7 +38,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = tiny_config(workdir, base={})
     run_snakemake(config, ["--cores", "2"], timeout=3000)
     run_snakemake(config, ["--cores", "2", "--", *(str(artifact(workdir, name, dataset=DS).relative_to(workdir))
-                                                   for name in ("ablation", "table2", "table3"))], timeout=3000)
+                                                   for name in ("ablation", "table2", "table3", "cdm_samples"))],
+                  timeout=3000)
     return workdir
 
 

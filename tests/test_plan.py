@@ -47,18 +47,18 @@ def test_rows_derive_from_the_registry_and_the_config() -> None:
     plan = _plan(cams={"methods": ["gradcam", "layercam"]}, cldf={"cam": "gradcam", "extra_cams": []})
     rows = plan.rows("synthetic")
     maps = ["gradcam", "layercam", "mean_gradient", "cdm_saliency", "cdm_hu", "seam", "dig"]
-    methods = [*maps, "intensity", "CLDF", "cam_cl", "mg_cl", "fsl_unet"]
+    methods = [*maps, "intensity", "CLDF", "fsl_unet"]  # CLDF's selection ablations are Table 3's rows only
     assert [(r["protocol"], r["method"]) for r in rows] == [(p, m) for p in ("labelled", "unlabelled") for m in methods]
     cldf = [r for r in rows if r["method"] == "CLDF"]
     assert [r["masks"] for r in cldf] == ["results/synthetic/cldf/gradcam/masks_labelled.zarr",
                                           "results/synthetic/cldf/gradcam/masks_unlabelled.zarr"]
     assert all(r["cam"] == "gradcam" and r["array"] == "CLDF" and r["gated"] for r in cldf)
     by = {(r["protocol"], r["method"]): r for r in rows}
-    assert by["labelled", "mg_cl"]["cam"] == "gradcam" and by["labelled", "layercam"]["cam"] == "layercam"
+    assert by["labelled", "CLDF"]["cam"] == "gradcam" and by["labelled", "layercam"]["cam"] == "layercam"
     assert by["labelled", "cdm_hu"]["cam"] == ""
     assert by["unlabelled", "fsl_unet"]["gated"] is False
     assert by["labelled", "intensity"]["masks"] == "results/synthetic/baselines/intensity/masks.zarr"
-    assert len(rows) == 2 * (len(plan.baseline_maps()) + len(SEGMENTERS))
+    assert len(rows) == 2 * (len(plan.baseline_maps()) + len([s for s in SEGMENTERS.values() if not s.ablation]))
     assert label_of("cam_cl", "gradcam") == "GradCAM+CL" and label_of("CLDF", "gradcam") == "CLDF (GradCAM)"
     assert label_of("mg_cl", "gradcam") == "MG+CL (tuned with GradCAM)"
 
@@ -67,14 +67,18 @@ def test_every_cam_cldf_starts_from_gets_its_own_decoder_rows() -> None:
     plan = _plan(cams={"methods": ["gradcam", "layercam", "amecam"]},
                  cldf={"cam": "layercam", "extra_cams": ["amecam"]}, table3={"cams": ["gradcam"]})
     decoders = [(r["protocol"], r["method"], r["cam"]) for r in plan.rows("d") if r["method"] in DECODERS.values()]
-    assert decoders == [(p, m, c) for p in ("labelled", "unlabelled") for m in ("CLDF", "cam_cl", "mg_cl")
-                        for c in ("layercam", "amecam")]
+    assert decoders == [(p, "CLDF", c) for p in ("labelled", "unlabelled") for c in ("layercam", "amecam")]
+    assert list(plan.decoders("d", "amecam")) == ["CLDF"]
+    assert list(plan.decoders("d", "amecam", ablation=True)) == ["cam_cl", "mg_cl"]
     assert plan.cldf_cams() == ["layercam", "amecam"] and plan.decoder_cams() == ["layercam", "amecam", "gradcam"]
     # Table 3's CAM is computed for every slice (its decoders train on it), not only for evaluation
     assert plan.map_settings("cams/gradcam")["rows"] == "all"
     assert [(r["method"], r["cam"], r["protocol"]) for r in plan.table3_rows("d")] == [
         ("gradcam", "gradcam", "labelled"), ("cam_cl", "gradcam", "labelled"), ("mg_cl", "gradcam", "labelled"),
         ("CLDF", "gradcam", "labelled")]
+    # the ablations' masks come from their own (labelled) segmentation, CLDF's from the comparison table's
+    assert [r["masks"] for r in plan.table3_rows("d")][1:] == [
+        "results/d/cldf/gradcam/ablation_masks_labelled.zarr"] * 2 + ["results/d/cldf/gradcam/masks_labelled.zarr"]
 
 
 def test_a_cam_outside_cams_methods_is_refused() -> None:
@@ -102,7 +106,7 @@ def test_default_target_builds_every_evaluation_file() -> None:
     assert plan.default_targets() == [
         "r/synthetic/metrics.csv", "r/synthetic/metrics_per_case.csv", "r/synthetic/differences.csv",
         "r/synthetic/selection.csv", "r/synthetic/metrics_3d.csv", "r/synthetic/figure.png",
-        "r/synthetic/models/cdm_samples.png", "r/synthetic/cldf/layercam/nifti"]
+        "r/synthetic/cldf/layercam/nifti"]
 
 
 def test_each_step_gets_only_the_settings_it_depends_on() -> None:
@@ -131,5 +135,6 @@ def test_jobs_cldf_waits_for_start_first() -> None:
     plan = _plan()
     models = ["cdm", "noisy_classifier", "cam_classifier", "amecam", "fsl_unet", "seam", "dig"]
     assert [plan.priority("model", k) for k in models] == [4, 3, 2, 2, 1, 1, 1]
-    assert plan.priority("map", "features") == plan.priority("map", "cams/layercam_layers") == 1
+    assert plan.priority("map", "features") == plan.priority("map", "cams/layercam_layers") == 3
+    assert plan.priority("map", "classifier_probs") == 1
     assert plan.priority("map", "cdm_saliency") == plan.priority("map", "cams/scorecam") == 0

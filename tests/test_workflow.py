@@ -19,13 +19,13 @@ def test_dry_run_of_default_target_plans_every_stage(tmp_path: Path) -> None:
     cfg = tiny_config(tmp_path)
     jobs = planned_jobs(cfg)
     for rule in ["phantom", "slices_shard", "slices", "train_model", "map_shard", "gather_map", "fuse_cam",
-                 "choose_layers", "tune_decoder", "decoder_ablation", "choose_unlabelled", "selection", "segment_shard",
-                 "cldf_masks", "baselines", "fsl_masks", "nifti", "metrics", "metrics_3d", "figure",
-                 "cdm_samples"]:
+                 "choose_layers", "tune_decoder", "choose_unlabelled", "selection", "segment_shard",
+                 "cldf_masks", "baselines", "fsl_masks", "nifti", "metrics", "metrics_3d", "figure"]:
         assert jobs.get(rule, 0) >= 1, f"rule {rule} missing from the plan: {jobs}"
     # the CDM, two classifiers, the fully supervised UNet, and AME-CAM's, SEAM's and DiG's networks
     assert jobs["train_model"] == 4 + 3
-    assert jobs["decoder_ablation"] == 2  # CAM alone, MG alone
+    # Table 3's decoders (CAM alone, MG alone) and the CDM's samples are built on request only
+    assert not {"decoder_ablation", "ablation_shard", "cdm_samples"} & set(jobs)
     # features, gradients, probabilities, CDM saliency, CDM (Hu et al.), SEAM, DiG + the five configured CAMs
     n_maps = 7 + 5
     assert jobs["map_shard"] == n_maps * jobs["slices_shard"] and jobs["gather_map"] == n_maps
@@ -87,7 +87,9 @@ def test_cli_reports_bad_input_in_one_line(tmp_path: Path) -> None:
 def test_slurm_profile_plans_shard_jobs_with_their_resources(tmp_path: Path) -> None:
     """Dry run through snakemake-executor-plugin-slurm: nothing is submitted."""
     cfg = tiny_config(tmp_path, {"train_gpus": 2, "device": "cuda"})  # the submit host needs no GPU
-    res = run_snakemake(cfg, ["-n", "-p", "--workflow-profile", "none", "--profile", str(REPO / "profiles/slurm")], quiet=False)
+    table3 = str(artifact(tmp_path, "table3", dataset="synthetic").relative_to(tmp_path))
+    res = run_snakemake(cfg, ["-n", "-p", "--workflow-profile", "none", "--profile", str(REPO / "profiles/slurm"),
+                              "all", table3], quiet=False)
     text = res.stdout + res.stderr
     resources: dict[str, list[str]] = {}
     rule = None
@@ -99,7 +101,8 @@ def test_slurm_profile_plans_shard_jobs_with_their_resources(tmp_path: Path) -> 
     assert len(resources["map_shard"]) == 12 * len(resources["slices_shard"]) >= 24  # one job per map and shard
     for line in resources["train_model"]:
         assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=2" in line and "cpus_per_task=8" in line
-    gpu_rules = ["map_shard", "tune_decoder", "decoder_ablation", "segment_shard", "choose_unlabelled", "fsl_masks"]
+    gpu_rules = ["map_shard", "tune_decoder", "decoder_ablation", "segment_shard", "ablation_shard", "choose_unlabelled",
+                 "fsl_masks"]
     for line in sum((resources[r] for r in gpu_rules), []):
         assert "slurm_partition=CHANGE_ME_gpu_partition" in line and "gpu=1" in line
     for line in resources["slices_shard"]:

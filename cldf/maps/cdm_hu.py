@@ -19,9 +19,9 @@ brighter than its counterfactual. No threshold is applied here (Hu et al.: Otsu,
 
 Timestep mapping (by ᾱ). Their linear schedule of 4000 steps (β from 2.5e-5 to 5e-3) has
 ᾱ_400 = 0.8960; ours (1000 steps, β from 1e-4 to 0.02) has ᾱ_100 = 0.8951 and ᾱ_99 = 0.8970, so their
-t = 400 is our ``t_start = 100``. One of our steps spans about four of theirs, so our 10 moves (100 → 90,
-ᾱ 0.895 → 0.913) cover about four times the ᾱ range of theirs (399 → 389, ᾱ 0.896 → 0.901); our networks
-are trained on integer timesteps only, so the moves stay whole steps.
+t = 400 is our ``t_start = 100``. One of our steps spans about four of theirs, so the default 3 moves
+(100 → 97, ᾱ 0.895 → 0.901) cover the ᾱ range of their 10 (399 → 389, ᾱ 0.896 → 0.901); our networks are
+trained on integer timesteps only, so the moves stay whole steps.
 
 Differences from Hu et al.: the map is computed for class 1 on every slice, with no label read (they
 condition on the true label and only run tumour slices); the forward noise comes from ``(seed, slice id)``

@@ -17,6 +17,7 @@ rule choose_layers:
         cam="|".join(PLAN.per_layer_cams()) or "-",
     log:
         CAT.log(CAT.pattern("layer_choices")),
+    priority: 2
     resources:
         mem_mb=2000,
         runtime=30,
@@ -46,7 +47,7 @@ rule tune_decoder:
     benchmark:
         CAT.benchmark(CAT.pattern("tuning"))
     threads: TRAIN_THREADS
-    priority: 1
+    priority: 2
     resources:
         mem_mb=6000,
         runtime=120,
@@ -109,6 +110,7 @@ rule choose_unlabelled:
     log:
         CAT.log(CAT.pattern("unlabelled_choices")),
     threads: 1
+    priority: 2
     resources:
         mem_mb=4000,
         runtime=60,

@@ -43,6 +43,7 @@ rule gather_map:
         directory(CAT.pattern("map")),
     log:
         CAT.log(CAT.pattern("map")),
+    priority: lambda w: PLAN.priority("map", w.map)
     resources:
         mem_mb=2000,
         runtime=30,
@@ -65,6 +66,7 @@ rule fuse_cam:
         cam="|".join(PLAN.per_layer_cams()) or "-",
     log:
         CAT.log(CAT.pattern("fused_cam")),
+    priority: 2
     resources:
         mem_mb=2000,
         runtime=30,

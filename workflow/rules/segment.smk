@@ -1,6 +1,7 @@
-# Masks of the test slices: CLDF and its ablations under both protocols (features computed on the fly by
-# the frozen CDM, conditioned as the protocol allows), the thresholded baselines, the intensity threshold,
-# the fully supervised upper bound; CLDF's masks written back as NIfTI.
+# Masks of the test slices: CLDF under both protocols (features computed on the fly by the frozen CDM,
+# conditioned as the protocol allows), its selection ablations for Table 3 (labelled protocol), the
+# thresholded baselines, the intensity threshold, the fully supervised upper bound; CLDF's masks written
+# back as NIfTI.
 
 
 rule segment_shard:
@@ -8,13 +9,16 @@ rule segment_shard:
         slices=CAT.pattern("slices"),
         cdm=CAT.pattern("model", model="cdm"),
         decoders=lambda w: PLAN.decoders(w.dataset, w.cam).values(),
-        choices=CAT.pattern("unlabelled_choices"),
+        choices=lambda w: CAT.path("unlabelled_choices", dataset=w.dataset, cam=w.cam) if w.protocol == "unlabelled" else [],
         tuning=CAT.pattern("tuning"),
         probs=PROBS,
     output:
         temp(directory(CAT.pattern("cldf_mask_shard"))),
     params:
         decoders=lambda w: as_json(PLAN.decoders(w.dataset, w.cam)),
+        protocol=lambda w: w.protocol,
+        choices=lambda w: f"--choices {shlex.quote(CAT.path('unlabelled_choices', dataset=w.dataset, cam=w.cam))}"
+        if w.protocol == "unlabelled" else "",
         settings=as_json(PLAN.segment_settings()),
         cases=shard_cases,
         device=DEVICE,
@@ -24,6 +28,7 @@ rule segment_shard:
     benchmark:
         CAT.benchmark(CAT.pattern("cldf_mask_shard"))
     threads: 1
+    priority: 2
     resources:
         mem_mb=4000,
         runtime=60,
@@ -32,9 +37,34 @@ rule segment_shard:
         CONDA_ENV
     shell:
         "cldf segment --slices {input.slices:q} --cdm {input.cdm:q} --decoders {params.decoders:q}"
-        " --protocol {wildcards.protocol} --choices {input.choices:q} --tuning {input.tuning:q} --probs {input.probs:q}"
+        " --protocol {params.protocol} {params.choices} --tuning {input.tuning:q} --probs {input.probs:q}"
         " --settings {params.settings:q} --cases {params.cases} --out {output:q}"
         " --device {params.device} --seed {params.seed} --threads {threads} > {log:q} 2>&1"
+
+
+use rule segment_shard as ablation_shard with:
+    """Masks of Table 3's selection ablations (CAM + CL, MG + CL), labelled protocol."""
+    input:
+        slices=CAT.pattern("slices"),
+        cdm=CAT.pattern("model", model="cdm"),
+        decoders=lambda w: PLAN.decoders(w.dataset, w.cam, ablation=True).values(),
+        tuning=CAT.pattern("tuning"),
+        probs=PROBS,
+    output:
+        temp(directory(CAT.pattern("ablation_mask_shard"))),
+    params:
+        decoders=lambda w: as_json(PLAN.decoders(w.dataset, w.cam, ablation=True)),
+        protocol="labelled",
+        choices="",
+        settings=as_json(PLAN.segment_settings()),
+        cases=shard_cases,
+        device=DEVICE,
+        seed=SEED,
+    log:
+        CAT.log(CAT.pattern("ablation_mask_shard")),
+    benchmark:
+        CAT.benchmark(CAT.pattern("ablation_mask_shard"))
+    priority: 0
 
 
 rule cldf_masks:
@@ -44,6 +74,7 @@ rule cldf_masks:
         directory(CAT.pattern("cldf_masks")),
     log:
         CAT.log(CAT.pattern("cldf_masks")),
+    priority: 2
     resources:
         mem_mb=2000,
         runtime=30,
@@ -51,6 +82,16 @@ rule cldf_masks:
         CONDA_ENV
     shell:
         "cldf gather --shards {input:q} --out {output:q} > {log:q} 2>&1"
+
+
+use rule cldf_masks as ablation_masks with:
+    input:
+        lambda w: shard_paths("ablation_mask_shard", w.dataset, cam=w.cam),
+    output:
+        directory(CAT.pattern("ablation_masks")),
+    log:
+        CAT.log(CAT.pattern("ablation_masks")),
+    priority: 0
 
 
 rule baselines:
