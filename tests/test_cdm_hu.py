@@ -120,9 +120,11 @@ def test_batch_invariance(models):
     together = cdm_hu_map(models, _batch([3, 4, 5]), SETTINGS)["maps"]
     alone = cdm_hu_map(models, _batch([4]), SETTINGS)["maps"]
     reordered = cdm_hu_map(models, _batch([5, 9, 3]), SETTINGS)["maps"]
-    torch.testing.assert_close(alone[0], together[1], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(reordered[0], together[2], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(reordered[2], together[0], atol=1e-5, rtol=1e-5)
+    # Maps lie in [0, 1]. Batched kernels may round differently by batch size (up to 3e-4 after ten guided
+    # moves on some CPUs); noise drawn per batch position instead of per slice would differ by ~0.1 or more.
+    torch.testing.assert_close(alone[0], together[1], atol=1e-3, rtol=0)
+    torch.testing.assert_close(reordered[0], together[2], atol=1e-3, rtol=0)
+    torch.testing.assert_close(reordered[2], together[0], atol=1e-3, rtol=0)
 
 
 def test_caller_cdm_unchanged_and_no_hooks_left(models):
@@ -162,7 +164,9 @@ def test_equals_literal_transcription_and_is_signed(models):
     noise = feature_noise(batch.slice_ids, 1, (C, H, H), batch.seed)[0]
     diff = _reference(models["cdm"], models["noisy_classifier"], batch.images, noise, 100, 10, 10.0, 0.05)
     maps = cdm_hu_map(models, batch, SETTINGS)["maps"]
-    torch.testing.assert_close(maps, normalise_per_slice(diff), atol=1e-4, rtol=1e-4)
+    # maps in [0, 1]: rounding of batched kernels stays under 1e-3 (1.8e-4 seen on AMD EPYC); errors of
+    # the method change the map by > 0.1, as the sign checks below show
+    torch.testing.assert_close(maps, normalise_per_slice(diff), atol=1e-3, rtol=0)
     assert (maps - normalise_per_slice(-diff)).abs().amax() > 0.5  # flipping the sign would change the map
     assert (maps - normalise_per_slice(diff.abs())).abs().amax() > 0.1  # and so would taking |difference|
 
