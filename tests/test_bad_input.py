@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -349,12 +350,12 @@ def table(lines: list[tuple[str, str]]) -> str:
 
 @pytest.fixture(scope="module")
 def lines(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, str]]:
+    """Every case's line, in the order of CASES; two at a time (each mostly waits for its subprocess)."""
     torch.set_num_threads(1)
-    out = []
-    for name, case in CASES:
-        work = tmp_path_factory.mktemp(re.sub(r"\W+", "_", name)[:30])
-        out.append((name, _normalise(case(work), work)))
-    return out
+    works = [tmp_path_factory.mktemp(re.sub(r"\W+", "_", name)[:30]) for name, _ in CASES]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        found = list(pool.map(lambda item: _normalise(item[0][1](item[1]), item[1]), zip(CASES, works)))
+    return [(name, line) for (name, _), line in zip(CASES, found)]
 
 
 def test_at_least_twenty_classes_each_one_line_without_traceback(lines: list[tuple[str, str]]) -> None:
