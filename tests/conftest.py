@@ -26,7 +26,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.getoption("--run-slow"):
         return
-    skip = pytest.mark.skip(reason="slow real-data test; run with --run-slow (make test-slow)")
+    skip = pytest.mark.skip(reason="slow test (real data, long training or kill -9); run with --run-slow (make test-slow)")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

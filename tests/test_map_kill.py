@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cldf.models.builders import build_model
 from cldf.models.checkpoint import save_checkpoint
@@ -20,6 +21,7 @@ from .fixtures_slices import make_slices
 CDM = {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1, "num_head_channels": 8}
 
 
+@pytest.mark.slow  # 22 s: make test-slow, with the workflow's other kill tests
 def test_killed_feature_shard_is_never_consumed_and_rerun_matches(tmp_path: Path) -> None:
     slices = make_slices(tmp_path / "slices", n_cases=4, slices_per_case=40, size=32)
     cdm = build_model("cdm", CDM, 2)

@@ -129,6 +129,7 @@ def test_training_loss_is_finite_under_autocast():
     assert _hooks(model) == 0
 
 
+@pytest.mark.slow  # 22 s of training: make test-slow (SEAM's losses and inference are tested above)
 def test_seam_learns_to_localise_the_blobs(tmp_path: Path):
     """The CPU preset trained briefly on the blob store: the refined CAM is higher on the blobs than elsewhere
     in the body (weakly: SEAM's cross-regularisation spreads the map over the body early in training), and

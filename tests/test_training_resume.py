@@ -89,6 +89,7 @@ def test_resume_file_of_another_run_is_ignored(slices, tmp_path):
     assert_same_weights(out, tmp_path / "fresh.pt")
 
 
+@pytest.mark.slow  # 17 s: make test-slow (resume after a crash is tested above)
 def test_resume_after_sigkill(slices, tmp_path):
     settings = {"widen_factor": 0.25, "steps": 200, "batch_size": 8, "lr": 1e-3, "checkpoint_every": 10}
     out = tmp_path / "killed.pt"
