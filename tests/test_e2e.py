@@ -224,8 +224,7 @@ def test_unlabelled_rows_never_read_a_test_label(work: Path, tmp_path: Path) -> 
               "--tuning", CAT.path("tuning", dataset=DS, cam=cam), "--probs", CAT.path("map", dataset=DS, map="classifier_probs"),
               "--settings", json.dumps(plan.segment_settings()), "--cases", cases, "--out", str(tmp_path / protocol))
         original, again = MapStore(_path(work, "cldf_masks", cam=cam, protocol=protocol)), MapStore(tmp_path / protocol)
-        same = all(np.array_equal(original.read(n, original.slice_ids), again.read(n, original.slice_ids))
-                   for n in ("CLDF",))
+        same = np.array_equal(original.read("CLDF", original.slice_ids), again.read("CLDF", original.slice_ids))
         assert same == (protocol == "unlabelled"), protocol
     rows = [{**r, "masks": str(work / r["masks"])} for r in plan.rows(DS)]
     _cldf(work, "metrics", "--slices", str(copy), "--test-truth", CAT.path("test_truth", dataset=DS), "--probs",

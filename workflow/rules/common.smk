@@ -91,6 +91,11 @@ def source_option(wildcards, input):
     return f"--source {shlex.quote(input.source[0])}" if input.source else ""
 
 
+def choices_option(wildcards, input):
+    """The `--choices` option of `cldf segment`: the unlabelled protocol's choices, when the job reads them."""
+    return f"--choices {shlex.quote(input.choices[0])}" if input.choices else ""
+
+
 def nifti_folder(name):
     """The folder of the per-case NIfTI files of artifact ``name`` (pseudo_mask, prediction)."""
     return lambda w: os.path.dirname(CAT.path(name, dataset=w.dataset, case="-"))

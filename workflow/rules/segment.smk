@@ -9,7 +9,7 @@ rule segment_shard:
         slices=CAT.pattern("slices"),
         cdm=CAT.pattern("model", model="cdm"),
         decoders=lambda w: PLAN.decoders(w.dataset, w.cam).values(),
-        choices=lambda w: CAT.path("unlabelled_choices", dataset=w.dataset, cam=w.cam) if w.protocol == "unlabelled" else [],
+        choices=lambda w: [CAT.path("unlabelled_choices", dataset=w.dataset, cam=w.cam)] if w.protocol == "unlabelled" else [],
         tuning=CAT.pattern("tuning"),
         probs=PROBS,
     output:
@@ -17,8 +17,7 @@ rule segment_shard:
     params:
         decoders=lambda w: as_json(PLAN.decoders(w.dataset, w.cam)),
         protocol=lambda w: w.protocol,
-        choices=lambda w: f"--choices {shlex.quote(CAT.path('unlabelled_choices', dataset=w.dataset, cam=w.cam))}"
-        if w.protocol == "unlabelled" else "",
+        choices=choices_option,
         settings=as_json(PLAN.segment_settings()),
         cases=shard_cases,
         device=DEVICE,
