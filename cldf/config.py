@@ -71,6 +71,9 @@ def check_config(config: Mapping[str, Any]) -> None:
         if frac >= 1:
             raise ConfigError(f"config key datasets.{name}.split: val_fraction + test_fraction must be < 1")
         _check_normalisation(ds["normalisation"], f"datasets.{name}.normalisation")
+        if ds.get("slabs") and ds.get("labels_csv"):
+            raise ConfigError(f"config key datasets.{name}.slabs: a labels table (labels_csv) lists whole scans; "
+                              "use slabs without labels_csv")
         source = ds.get("selection_from")
         if source is not None and (source not in config["datasets"] or source == name):
             raise ConfigError(f"config key datasets.{name}.selection_from: {source!r} is not another declared dataset")

@@ -131,6 +131,23 @@ def test_select_pixels_fusion_labels_and_body():
         select_pixels(cam, None, labels, body, "fused", "otsu")
 
 
+def test_select_pixels_leaves_the_unsure_band_out_with_a_looser_background_rule():
+    """Top-quantile foreground, Otsu background: pixels between the two thresholds are in neither set."""
+    size = 16
+    body = _square(size, 0, size, 0, size)[None]
+    core, rim = _square(size, 6, 10, 6, 10), _square(size, 4, 12, 4, 12)
+    ramp = torch.where(rim, 0.6, 0.1) + torch.where(core, 0.3, 0.0)  # core 0.9, rim 0.6, rest 0.1
+    maps = (ramp + 0.001 * torch.arange(size * size).view(size, size) / (size * size))[None]
+    labels = torch.tensor([1])
+    fg, bg = select_pixels(maps, maps, labels, body, "fused", "quantile", 1 - 16 / 256, background="otsu")
+    assert torch.equal(fg[0], core)  # top 16 of 256 pixels: the core
+    assert torch.equal(bg[0], ~rim)  # Otsu splits 0.1 from 0.6/0.9: the rim is neither
+    fg_same, bg_same = select_pixels(maps, maps, labels, body, "fused", "quantile", 1 - 16 / 256)
+    assert torch.equal(fg_same, fg) and torch.equal(bg_same[0], ~core)  # the default: one rule for both
+    with pytest.raises(ValueError, match="background rule"):
+        select_pixels(maps, maps, labels, body, "fused", "otsu", background="half")
+
+
 # ---------------------------------------------------------------- decoder and features
 
 

@@ -171,3 +171,33 @@ def test_flare_kidney_slices(shared_data: Path, tmp_path: Path) -> None:
     kept = store.slice_index[rows]
     dice = 2 * (back[:, :, kept] & truth[:, :, kept]).sum() / (back[:, :, kept].sum() + truth[:, :, kept].sum())
     assert dice > 0.7  # 3 mm CT at 32 × 32: small organ, coarse grid
+
+
+def test_one_scan_as_interleaved_pseudo_cases(shared_data: Path, tmp_path: Path) -> None:
+    """``slabs``: the shared CT becomes 4 pseudo-cases that partition its slices in dealt blocks of 5, each with
+    kidney slices, split like cases; the same scan without slabs keeps exactly the same slices."""
+    ds = settings("flare21_kidney_shared", root=str(shared_data / "flare_like"), image_size=32)
+    ids = list_cases(ds)
+    assert ids == [f"totalseg_example_slab{k}" for k in range(4)]
+    build_shard(ds, ids, ids, tmp_path / "s")
+    gather([tmp_path / "s"], tmp_path / "slices", tmp_path / "truth", tmp_path / "m.csv", tmp_path / "k.csv", ds["split"])
+    store = SliceStore(tmp_path / "slices")
+    per_case = [store.slice_index[store.indices(cases=[k])] for k in range(4)]
+    for k, z in enumerate(per_case):
+        assert set((z // 5) % 4) == {k}  # blocks of 5 slices dealt in turn
+        assert (store.labels[store.indices(cases=[k])] == 1).any()  # every pseudo-case spans the kidney
+    whole = settings("flare21_kidney", root=str(shared_data / "flare_like"), image_size=32)
+    build_shard(whole, list_cases(whole), list_cases(whole), tmp_path / "w")
+    gather([tmp_path / "w"], tmp_path / "whole", tmp_path / "t2", tmp_path / "m2.csv", tmp_path / "k2.csv", ONE_CASE)
+    np.testing.assert_array_equal(np.sort(np.concatenate(per_case)), SliceStore(tmp_path / "whole").slice_index)
+    assert sorted(m["split"] for m in store.cases) == ["test", "train", "train", "val"]
+    predict = {**ds, "predict": True}  # new scans are never cut
+    assert list_cases(predict) == ["totalseg_example"]
+
+
+def test_slabs_with_a_labels_table_is_a_config_error() -> None:
+    from cldf.config import ConfigError
+
+    overrides = {"datasets": {"flare21_kidney_shared": {"labels_csv": "labels.csv"}}}
+    with pytest.raises(ConfigError, match="datasets.flare21_kidney_shared.slabs"):
+        load_config(DEFAULT_CONFIG, overrides)

@@ -37,6 +37,7 @@ from cldf.data.geometry import pad_to_square, resize_images, resize_masks, squar
 from cldf.data.splits import assign_splits
 from cldf.io.errors import DataError
 from cldf.io.labels import canonical_labels, labels_path, load_labels
+from cldf.io.layouts import slab_of, slab_slices
 from cldf.io.nifti import Case, read_case
 from cldf.store import GROUND_TRUTH, SPLITS, ArrayStoreWriter, open_store
 
@@ -145,10 +146,15 @@ def _case_slices(
     keep = body_fraction >= float(ds["min_body_fraction"])
     if ds["ambiguous_slices"] == "drop" and table is None and case.seg is not None:
         keep &= labels != -1
+    slab = slab_of(ds, case.id)
+    where = ""
+    if slab is not None:
+        keep &= slab_slices(ds, slab[1], cz)
+        where = f" among its slices of the scan (config key datasets.{ds['name']}.slabs)"
     kept = np.flatnonzero(keep)
     if len(kept) == 0:
         raise DataError(
-            f"case {case.id}: no slice is kept (none has a body fraction of at least "
+            f"case {case.id}: no slice is kept{where} (none has a body fraction of at least "
             f"{ds['min_body_fraction']}, config key datasets.{ds['name']}.min_body_fraction)"
         )
     arrays = {

@@ -200,7 +200,7 @@ def paper_figure(
             torch.from_numpy(cam.read("maps", ids).astype(np.float32)),
             torch.from_numpy(mg.read("maps", ids).astype(np.float32)),
             torch.from_numpy(slices.labels[ids].astype(np.int64)), torch.from_numpy(slices.body(ids)),
-            "fused", selection["threshold"], tuned.get("quantile"),
+            "fused", selection["threshold"], tuned.get("quantile"), selection.get("background", "foreground"),
         )
         return fg.numpy(), bg.numpy()
 

@@ -8,6 +8,16 @@ Layouts
     the synthetic phantom (:mod:`cldf.data.phantom`) is written in it with case ids ``Synth_000``, ...
 ``flare``
     ``<root>/TrainingImg/<case>_0000.nii.gz`` (CT) and ``<root>/TrainingMask/<case>.nii.gz`` (labels).
+
+Slabs
+-----
+With ``slabs: {count: n, block: b}`` a dataset with too few scans for case-level splits reads each scan
+as ``n`` pseudo-cases ``<case>_slab0`` ... ``<case>_slab{n-1}``: the scan's slices in blocks of ``b``
+consecutive slices (along the slicing axis), dealt to the pseudo-cases in turn (block ``j`` to
+``j mod n``), so every pseudo-case spans the whole scan and sees every organ level; the splits are drawn
+over pseudo-cases. Neighbouring blocks of one patient are alike, so a test pseudo-case is no held-out
+patient: this checks that the pipeline runs on a single scan, it does not measure quality. New scans to
+predict are never cut.
 """
 
 from __future__ import annotations
@@ -15,6 +25,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any, Mapping
+
+import numpy as np
 
 from cldf.atomic import MARKER
 from cldf.io.errors import DataError
@@ -25,6 +37,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 FLARE_IMAGES = "TrainingImg"
 FLARE_MASKS = "TrainingMask"
 FLARE_IMAGE_SUFFIX = "_0000"
+SLAB = "_slab"
 
 _WHERE_TO_PUT = {
     "brats": "put the BraTS 2021 training data there as <root>/BraTS2021_XXXXX/BraTS2021_XXXXX_"
@@ -114,12 +127,29 @@ def _flare_cases(ds: Mapping[str, Any], root: Path) -> list[str]:
     return cases
 
 
-def list_cases(ds: Mapping[str, Any]) -> list[str]:
-    """Sorted case ids of dataset ``ds`` (the first ``max_cases`` when set), from directory listings only.
+def slab_count(ds: Mapping[str, Any]) -> int:
+    """Pseudo-cases per scan: ``ds["slabs"]["count"]`` (1 when unset, and always 1 for new scans to predict)."""
+    return 1 if ds.get("predict") or not ds.get("slabs") else int(ds["slabs"]["count"])
 
-    Entries that are not cases (``__MACOSX/``, ``.DS_Store``, a ``README.txt``, a folder without
-    ``<case>_*.nii.gz`` files) are ignored with a warning on the ``cldf.io`` logger, never read as cases.
-    """
+
+def slab_of(ds: Mapping[str, Any], case_id: str) -> tuple[str, int] | None:
+    """``(scan id, k)`` of the pseudo-case id ``<scan>_slab<k>``; None for a dataset without slabs."""
+    n = slab_count(ds)
+    if n == 1:
+        return None
+    scan, sep, k = case_id.rpartition(SLAB)
+    if not sep or not k.isdigit() or int(k) >= n:
+        raise DataError(f"case id {case_id!r} is not a pseudo-case <case>{SLAB}<k> (k < {n}) of dataset {ds['name']}")
+    return scan, int(k)
+
+
+def slab_slices(ds: Mapping[str, Any], k: int, depth: int) -> np.ndarray:
+    """bool (depth,): the slices of pseudo-case ``k`` of a scan ``depth`` slices deep (blocks dealt in turn)."""
+    block, n = int(ds["slabs"]["block"]), slab_count(ds)
+    return (np.arange(depth) // block) % n == k
+
+
+def _scan_ids(ds: Mapping[str, Any]) -> list[str]:
     layout = ds["layout"]
     if layout == "synthetic":
         return _limit(ds, [synthetic_case_id(i) for i in range(int(ds["phantom"]["n_cases"]))])
@@ -128,6 +158,18 @@ def list_cases(ds: Mapping[str, Any]) -> list[str]:
     if layout == "flare":
         return _limit(ds, _flare_cases(ds, _root(ds)))
     raise DataError(f"config key datasets.{ds['name']}.layout: unknown layout {layout!r}")
+
+
+def list_cases(ds: Mapping[str, Any]) -> list[str]:
+    """Sorted case ids of dataset ``ds`` (the first ``max_cases`` scans when set), from directory listings only.
+
+    Entries that are not cases (``__MACOSX/``, ``.DS_Store``, a ``README.txt``, a folder without
+    ``<case>_*.nii.gz`` files) are ignored with a warning on the ``cldf.io`` logger, never read as cases.
+    With ``slabs`` each scan gives ``slabs.count`` pseudo-cases ``<case>_slab0`` ... (module docstring).
+    """
+    scans = _scan_ids(ds)
+    n = slab_count(ds)
+    return scans if n == 1 else [f"{scan}{SLAB}{k}" for scan in scans for k in range(n)]
 
 
 def _find_nifti(directory: Path, stem: str, missing_ok: bool) -> Path | None:
@@ -141,7 +183,9 @@ def _find_nifti(directory: Path, stem: str, missing_ok: bool) -> Path | None:
 
 
 def _expected_files(ds: Mapping[str, Any], case_id: str) -> dict[str, tuple[Path, str]]:
-    """``{modality or "seg": (directory, file stem)}`` of one case."""
+    """``{modality or "seg": (directory, file stem)}`` of one case (of its scan, for a slab)."""
+    slab = slab_of(ds, case_id)
+    case_id = case_id if slab is None else slab[0]
     root = _root(ds)
     if ds["layout"] in ("brats", "synthetic"):
         folder = root / case_id

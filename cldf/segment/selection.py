@@ -4,7 +4,9 @@ A pixel is *activated* in a map when its value exceeds a per-slice threshold com
 pixels of that slice only (Otsu, or a quantile). Foreground = activated in both the CAM and the mean
 gradient (``fused``), or in one of them (``cam`` / ``mg``), on positive slices only. Background = activated
 in none of the maps used, inside the body, on positive slices; on negative slices the whole body is
-background. Pixels outside the body are never selected: body versus air is trivially separable and
+background. The background's activation rule may be looser than the foreground's (``background:
+otsu`` with a top-quantile foreground): the pixels between the two thresholds, where the maps are
+unsure, are then left out of both sets. Pixels outside the body are never selected: body versus air is trivially separable and
 segmentation clusters inside the body only, so air pixels would only teach the decoder a distinction it
 is never asked to make. Ambiguous slices (label -1) contribute nothing.
 """
@@ -18,6 +20,7 @@ from skimage.filters import threshold_otsu
 from cldf.registry import SELECTION_MAPS as MODE_MAPS
 
 RULES = ("otsu", "quantile")
+BACKGROUND_RULES = ("foreground", "otsu")
 MODES = tuple(MODE_MAPS)
 
 
@@ -70,6 +73,7 @@ def select_pixels(
     mode: str = "fused",
     rule: str = "otsu",
     quantile: float | None = None,
+    background: str = "foreground",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground and background training pixels of a batch of slices.
 
@@ -84,7 +88,10 @@ def select_pixels(
     mode
         ``fused`` (foreground = activated in CAM and MG), ``cam`` or ``mg`` (that map only).
     rule, quantile
-        Activation threshold, see :func:`activated`.
+        Activation threshold of the foreground, see :func:`activated`.
+    background
+        Activation threshold below which a pixel of a positive slice is background: ``foreground`` (the
+        same rule) or ``otsu`` (per-slice Otsu, whatever the foreground's rule).
 
     Returns
     -------
@@ -97,11 +104,15 @@ def select_pixels(
     used = [{"cam": cam, "mg": mg}[name] for name in MODE_MAPS[mode]]
     if any(m is None for m in used):
         raise ValueError(f"selection mode {mode!r} needs the map(s) it uses; got None")
+    if background not in BACKGROUND_RULES:
+        raise ValueError(f"unknown background rule {background!r}; expected one of {BACKGROUND_RULES}")
     acts = [activated(m, body, rule, quantile) for m in used]
     in_all = acts[0]
-    in_any = acts[0]
     for act in acts[1:]:
         in_all = in_all & act
+    loose = acts if background == "foreground" else [activated(m, body, background) for m in used]
+    in_any = loose[0]
+    for act in loose[1:]:
         in_any = in_any | act
     positive = (labels == 1).view(-1, 1, 1).to(body.device)
     negative = (labels == 0).view(-1, 1, 1).to(body.device)

@@ -59,6 +59,7 @@ class _Source:
         fg, bg = select_pixels(
             _read_map(self.cam, missing), _read_map(self.mg, missing), labels, torch.from_numpy(self.slices.body(missing)),
             mode=self.selection["mode"], rule=self.selection["threshold"], quantile=self.selection.get("quantile"),
+            background=self.selection.get("background", "foreground"),
         )
         for k, sid in enumerate(missing):
             self._selected[int(sid)] = (fg[k], bg[k])
@@ -173,7 +174,7 @@ def train_decoder(
     cam_path, mg_path
         CAM and mean-gradient map stores; the one the selection mode does not use may be None.
     settings
-        ``{"selection": {mode, threshold, quantile, max_background, max_foreground},
+        ``{"selection": {mode, threshold, quantile, background, max_background, max_foreground},
         "decoder": {widths, temperature, optimizer, lr, loss, epochs, batch_size}}``.
     out
         Checkpoint path (the format of :mod:`cldf.models.checkpoint`), or None to keep it in memory only:
