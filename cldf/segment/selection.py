@@ -6,9 +6,9 @@ gradient (``fused``), or in one of them (``cam`` / ``mg``), on positive slices o
 in none of the maps used, inside the body, on positive slices; on negative slices the whole body is
 background. The background's activation rule may be looser than the foreground's (``background:
 otsu`` with a top-quantile foreground): the pixels between the two thresholds, where the maps are
-unsure, are then left out of both sets. Pixels outside the body are never selected: body versus air is trivially separable and
-segmentation clusters inside the body only, so air pixels would only teach the decoder a distinction it
-is never asked to make. Ambiguous slices (label -1) contribute nothing.
+unsure, are then left out of both sets. Pixels outside the body are never selected: body versus air is
+trivially separable and segmentation clusters inside the body only, so air pixels would only teach the
+decoder a distinction it is never asked to make. Ambiguous slices (label -1) contribute nothing.
 """
 
 from __future__ import annotations
@@ -107,13 +107,10 @@ def select_pixels(
     if background not in BACKGROUND_RULES:
         raise ValueError(f"unknown background rule {background!r}; expected one of {BACKGROUND_RULES}")
     acts = [activated(m, body, rule, quantile) for m in used]
-    in_all = acts[0]
-    for act in acts[1:]:
-        in_all = in_all & act
-    loose = acts if background == "foreground" else [activated(m, body, background) for m in used]
-    in_any = loose[0]
-    for act in loose[1:]:
-        in_any = in_any | act
+    same = background in ("foreground", rule)  # the background's activations are the foreground's
+    loose = acts if same else [activated(m, body, background) for m in used]
+    in_all = torch.stack(acts).all(dim=0)
+    in_any = torch.stack(loose).any(dim=0)
     positive = (labels == 1).view(-1, 1, 1).to(body.device)
     negative = (labels == 0).view(-1, 1, 1).to(body.device)
     fg = in_all & positive
