@@ -13,6 +13,7 @@ from skimage.filters import threshold_otsu
 
 import cldf.segment.supcon as supcon_module
 from cldf.segment.cluster import cluster_slice, run_segmentation
+from cldf.segment.components import keep_components
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import StoredFeatures, iter_feature_batches, upsample_features
 from cldf.segment.selection import activated, select_pixels
@@ -352,3 +353,20 @@ def test_segment_code_never_reads_ground_truth():
     for path in files:
         text = path.read_text()
         assert "ground_truth" not in text and "read_ground_truth" not in text, path.name
+
+
+def test_keep_components_drops_islands_smaller_than_the_fraction():
+    mask = np.zeros((2, 12, 12), dtype=bool)
+    mask[:, 1:6, 1:6] = True  # 25 pixels
+    mask[:, 8:11, 8:11] = True  # 9 pixels
+    mask[:, 0, 11] = True  # 1 pixel, diagonal neighbours only of nothing
+    mask[1, 6, 6] = True  # touches the big square diagonally: one 8-connected component
+    assert np.array_equal(keep_components(mask, 0.0), mask)
+    largest = keep_components(mask, 1.0)
+    assert largest[:, 1:6, 1:6].all() and not largest[:, 8:11, 8:11].any() and not largest[:, 0, 11].any()
+    assert largest[1, 6, 6] and largest[1].sum() == 26
+    quarter = keep_components(mask, 0.25)
+    assert quarter[:, 8:11, 8:11].all() and not quarter[:, 0, 11].any()  # 9 >= 0.25 * 25, 1 < 6.25
+    assert not keep_components(np.zeros((5, 5), bool), 1.0).any()
+    with pytest.raises(ValueError):
+        keep_components(mask, 1.5)

@@ -21,6 +21,7 @@ from cldf.config import decoder_candidates
 from cldf.evaluate.choices import choice_rows, encode, mean_dice, val_positives
 from cldf.models.checkpoint import save_checkpoint
 from cldf.segment.cluster import prototypes_of, segment_batches
+from cldf.segment.components import keep_components
 from cldf.segment.features import ComputedFeatures, StoredFeatures, decoder_inputs
 from cldf.segment.train import load_decoder, train_decoder
 from cldf.store import MapStore, SliceStore, read_ground_truth
@@ -39,8 +40,11 @@ def decoder_settings(base: Mapping[str, Any], candidate: Mapping[str, Any], mode
 
 
 def cluster_settings(base: Mapping[str, Any], candidate: Mapping[str, Any]) -> dict[str, Any]:
-    """Clustering settings: the config's (``inside_body``) with a tuned candidate's ``k`` and ``assign``."""
-    return {**base, "k": int(candidate["k"]), "assign": candidate["assign"]}
+    """Clustering settings: the config's (``inside_body``) with a tuned candidate's ``k``, ``assign`` and
+    ``min_component`` (:func:`cldf.segment.components.keep_components`; 0, every component, when the
+    candidate has none)."""
+    return {**base, "k": int(candidate["k"]), "assign": candidate["assign"],
+            "min_component": float(candidate.get("min_component", 0.0))}
 
 
 def tune_decoder(
@@ -54,8 +58,9 @@ def tune_decoder(
     seed: int,
     cap: int,
 ) -> list[dict[str, Any]]:
-    """Train CLDF's decoder for every candidate and cluster its validation slices every way of the grid;
-    write the decoder of the best combination (validation Dice) to ``out``."""
+    """Train CLDF's decoder for every candidate, cluster its validation slices every way of ``grids["cluster"]``
+    and keep each clustering's components every way of ``grids["components"]`` (no K-means re-run); write the
+    decoder of the best combination (validation Dice) to ``out``."""
     slices = SliceStore(slices_path)
     ids, gt, _ = val_positives(slices, slices_path)
     grid, scores, best = [], [], (-np.inf, None)
@@ -63,13 +68,14 @@ def tune_decoder(
         decoder, checkpoint = train_decoder(slices_path, features, cam_path, mg_path,
                                             decoder_settings(base, candidate, "fused"), None, seed, cap)
         for clustering in grids["cluster"]:
-            grid.append({**candidate, **clustering})
-            pred = segment_ids(features, decoder, checkpoint, slices, ids, cluster_settings(base["cluster"], clustering), seed)
-            scores.append(mean_dice(pred, gt))
-            LOG.info("decoder candidate %s: validation Dice %.4f", encode(grid[-1]), scores[-1])
-            score = scores[-1] if np.isfinite(scores[-1]) else -np.inf
-            if best[1] is None or score > best[0]:
-                best = (score, checkpoint)
+            every = segment_ids(features, decoder, checkpoint, slices, ids, cluster_settings(base["cluster"], clustering), seed)
+            for fraction in grids["components"]:
+                grid.append({**candidate, **clustering, "min_component": fraction})
+                scores.append(mean_dice(keep_components(every, float(fraction)), gt))
+                LOG.info("decoder candidate %s: validation Dice %.4f", encode(grid[-1]), scores[-1])
+                score = scores[-1] if np.isfinite(scores[-1]) else -np.inf
+                if best[1] is None or score > best[0]:
+                    best = (score, checkpoint)
     save_checkpoint(out, best[1])
     return choice_rows("decoder", grid, scores)
 

@@ -1,4 +1,5 @@
-"""Segmentation (step 9): K-means on the decoder's pixel embeddings, foreground cluster by prototype.
+"""Segmentation (step 9): K-means on the decoder's pixel embeddings, foreground cluster by prototype, then
+the mask's small components dropped as chosen on validation (:mod:`cldf.segment.components`).
 
 Clustering runs inside the body by default: with k = 2 over the whole slice, K-means splits body versus
 air (measured by the issue author), which says nothing about the target. The foreground cluster is the
@@ -18,6 +19,7 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 from cldf.models.decoder import PixelDecoder, embed_slices
+from cldf.segment.components import keep_components
 from cldf.segment.features import ComputedFeatures, StoredFeatures
 from cldf.segment.train import check_feature_dim, load_decoder
 from cldf.store import ArrayStoreWriter, SliceStore
@@ -98,18 +100,21 @@ def segment_batches(
     """K-means masks of the slices ``ids`` with every decoder: ``(ids (B,), {name: uint8 (B, H, W)})`` per batch.
 
     ``decoders`` maps a name to ``(decoder, (foreground, background) prototypes (E,))``; ``settings``: ``k``,
-    ``assign`` (:func:`cluster_slice`) and ``inside_body`` (cluster the body pixels only). The features of a
-    batch are shared by every decoder.
+    ``assign`` (:func:`cluster_slice`), ``inside_body`` (cluster the body pixels only) and ``min_component``
+    (:func:`keep_components`; 0 or absent keeps every component). The features of a batch are shared by
+    every decoder.
     """
     size = slices.image_size
     k, assign = int(settings["k"]), settings.get("assign", "prototype")
+    min_component = float(settings.get("min_component", 0.0))
     with torch.no_grad():
         for batch_ids, feats in features.batches(ids, batch_size):
             region = slices.body(batch_ids) if settings["inside_body"] else np.ones((len(batch_ids), size, size), bool)
             out = {}
             for name, (decoder, prototypes) in decoders.items():
                 emb = embed_slices(decoder, feats).cpu()
-                out[name] = np.stack([cluster_slice(emb[b], region[b], k, prototypes, seed, assign)
+                out[name] = np.stack([keep_components(cluster_slice(emb[b], region[b], k, prototypes, seed, assign),
+                                                      min_component)
                                       for b in range(len(batch_ids))]).astype(np.uint8)
             yield batch_ids, out
 
