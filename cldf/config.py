@@ -64,6 +64,12 @@ def check_config(config: Mapping[str, Any]) -> None:
         missing = [c for c in cams if c not in config["cams"]["methods"]]
         if missing:
             raise ConfigError(f"config key {key}: {', '.join(map(repr, missing))} is not in cams.methods {config['cams']['methods']}")
+    tapped = config["features"]["layers"]
+    for entry in config["choices"]["feature_layers"]:
+        if not set(entry) <= set(tapped):
+            raise ConfigError(f"config key choices.feature_layers: {entry} reads "
+                              f"{[layer for layer in entry if layer not in tapped]}, which features.layers {tapped} "
+                              "does not tap (each entry is a subset of features.layers)")
     for name, ds in config["datasets"].items():
         if ds["layout"] == "synthetic" and "phantom" not in ds:
             raise ConfigError(f"config key datasets.{name}.phantom: required for layout 'synthetic'")

@@ -31,6 +31,9 @@ def _norm(method: str, lower: float, upper: float) -> dict:
         (_with(cldf={"cam": "scorecam"}, cams={"methods": ["gradcam"]}), "config key cldf.cam: 'scorecam' is not in cams.methods"),
         (_with(datasets={"brats21": {"split": {"val_fraction": 0.5, "test_fraction": 0.5}}}),
          "val_fraction + test_fraction must be < 1"),
+        (_with(features={"layers": ["up_blocks.0"]}),
+         "config key choices.feature_layers: ['up_blocks.1', 'up_blocks.2'] reads ['up_blocks.1', 'up_blocks.2'], "
+         "which features.layers ['up_blocks.0'] does not tap"),
     ],
 )
 def test_bad_values_are_refused_with_one_line(config: dict, message: str) -> None:

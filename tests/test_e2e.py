@@ -94,7 +94,11 @@ def test_every_choice_is_recorded_with_its_grid(work: Path) -> None:
     assert counts["layers:layercam"] == len(grids["layercam_layers"])
     assert counts["intensity"] == 2 * 4  # 4 modalities, bright or dark
     quantiles = len(grids["quantile"]) if CONFIG["cldf"]["selection"]["threshold"] == "quantile" else 1
-    assert counts["decoder"] == quantiles * len(grids["optimizer"]) * len(grids["cluster"]) * len(grids["components"])
+    # the optimiser (and quantile) grid reads the first layer set; its best then reads each other set
+    decoders = quantiles * len(grids["optimizer"]) + len(grids["feature_layers"]) - 1
+    assert counts["decoder"] == decoders * len(grids["cluster"]) * len(grids["components"])
+    tried = [json.loads(v)["feature_layers"] for v in selection[selection.choice == "decoder"].value]
+    assert [list(x) for x in dict.fromkeys(map(tuple, tried))] == grids["feature_layers"]
     assert counts["conditioning"] == len(grids["conditioning"]) and counts["gate"] == len(grids["gate"])
     assert (selection.groupby("choice").chosen.sum() == 1).all()
     for choice, frame in selection.groupby("choice"):

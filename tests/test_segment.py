@@ -15,11 +15,11 @@ import cldf.segment.supcon as supcon_module
 from cldf.segment.cluster import cluster_slice, run_segmentation
 from cldf.segment.components import keep_components
 from cldf.models.decoder import PixelDecoder, embed_slices
-from cldf.segment.features import StoredFeatures, iter_feature_batches, upsample_features
+from cldf.segment.features import StoredFeatures, decoder_inputs, input_channels, iter_feature_batches, upsample_features
 from cldf.segment.selection import activated, select_pixels
 from cldf.segment.supcon import supcon_loss
 from cldf.segment.train import load_decoder, train_decoder
-from cldf.store import MapStore
+from cldf.store import MapStore, SliceStore, StoreError
 
 from .fixtures_slices import write_map_store, write_slice_store
 
@@ -228,7 +228,7 @@ def _make_toy(root: Path) -> dict:
     write_slice_store(paths["slices"], np.zeros((n, 1, SIZE, SIZE), np.float32), labels, ids, split_names, truth,
                       body=body, slice_index=np.zeros(n), modalities=["t1"])
     order = ids[::-1]  # the features store lists the slices in another order than slices
-    write_map_store(paths["features"], order, {"layers": ["a", "b"]}, layer_0=low[order].astype(np.float16),
+    write_map_store(paths["features"], order, {"settings": {"layers": ["a", "b"]}}, layer_0=low[order].astype(np.float16),
                     layer_1=full[order].astype(np.float16))
     for name, maps in (("cam", cam), ("mg", mg)):
         write_map_store(paths[name], ids, maps=maps.astype(np.float16))
@@ -297,6 +297,26 @@ def test_training_stats_and_checkpoint(toy):
     fg, bg = checkpoint["prototypes"]["foreground"], checkpoint["prototypes"]["background"]
     assert fg.shape == (16,) and torch.isclose(fg.norm(), torch.tensor(1.0))
     assert float(fg @ bg) < 0.8  # the two prototypes point in clearly different directions
+
+
+def test_decoder_reads_only_the_channels_of_its_feature_layers(toy):
+    p, root = toy["paths"], toy["root"]
+    features = StoredFeatures(p["features"], SIZE, CPU)
+    assert features.channel_groups == [("a", 6), ("b", 4)]
+    with_image = decoder_inputs(features, SliceStore(p["slices"]), True)
+    assert input_channels(with_image.channel_groups, ["b"]) == [6, 7, 8, 9, 10]  # its layer and the image
+    with pytest.raises(StoreError, match=r"\['c'\] missing"):
+        input_channels(features.channel_groups, ["b", "c"])
+    settings = {**SETTINGS, "decoder": {**SETTINGS["decoder"], "feature_layers": ["b"]}}
+    train_decoder(p["slices"], features, p["cam"], p["mg"], settings, root / "b.pt", 3, 1000)
+    only_b, checkpoint = load_decoder(root / "b.pt", CPU)
+    assert only_b.channels == checkpoint["settings"]["channels"] == [6, 7, 8, 9] and only_b.in_dim == 10
+    feats = next(features.batches(np.arange(4), 4))[1]
+    changed = feats.clone()
+    changed[:, :6] = torch.randn(changed[:, :6].shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(embed_slices(only_b, feats), embed_slices(only_b, changed))  # layer a is not read
+    every, _ = load_decoder(toy["decoder"], CPU)
+    assert not torch.allclose(embed_slices(every, feats), embed_slices(every, changed))
 
 
 def test_kmeans_on_embeddings_beats_thresholded_cam(toy):

@@ -36,7 +36,7 @@ class CachedFeatures:
     """A feature source computed once for a set of slices and then served from memory (float16)."""
 
     def __init__(self, source: StoredFeatures | ComputedFeatures | Any, ids: np.ndarray, batch_size: int = 8) -> None:
-        self.dim, self.device = source.dim, source.device
+        self.dim, self.device, self.channel_groups = source.dim, source.device, source.channel_groups
         self._cache = {int(i): f.half() for batch, feats in source.batches(ids, batch_size) for i, f in zip(batch, feats)}
 
     def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
@@ -95,6 +95,10 @@ class Ablation:
     def score(self, name: str, overrides: Mapping[str, Any], n_resamples: int) -> dict[str, Any]:
         """Retrain CLDF's decoder with ``overrides`` and score it on validation and test."""
         settings = deep_merge(self.base, overrides)
+        features, reads = settings["features"], settings["decoder"].get("feature_layers")
+        if reads is not None and (features.get("source", "cdm") != "cdm" or not set(reads) <= set(features["layers"])):
+            # a lever that taps other layers: the decoder reads them all
+            settings["decoder"] = {k: v for k, v in settings["decoder"].items() if k != "feature_layers"}
         train, test = self._sources(settings)
         decoder_cfg = {"selection": settings["selection"], "decoder": settings["decoder"]}
         decoder, checkpoint = train_decoder(self.slices_path, train, self.maps["cam"], self.maps["mg"],

@@ -31,11 +31,13 @@ LOG = logging.getLogger("cldf.choose")
 
 def decoder_settings(base: Mapping[str, Any], candidate: Mapping[str, Any], mode: str) -> dict[str, Any]:
     """Decoder training settings: the config's ``cldf`` selection and decoder, with a tuned candidate
-    (``optimizer``, ``lr``, ``loss``, and ``quantile`` under the quantile rule) and the selection ``mode`` filled in."""
+    (``optimizer``, ``lr``, ``loss``, the ``feature_layers`` it reads when tuned, and ``quantile`` under the
+    quantile rule) and the selection ``mode`` filled in."""
     selection = {**base["selection"], "mode": mode}
     if "quantile" in candidate:
         selection["quantile"] = float(candidate["quantile"])
-    decoder = {**base["decoder"], **{k: candidate[k] for k in ("optimizer", "lr", "loss")}}
+    decoder = {**base["decoder"], **{k: candidate[k] for k in ("optimizer", "lr", "loss", "feature_layers")
+                                     if k in candidate}}
     return {"selection": selection, "decoder": decoder}
 
 
@@ -60,11 +62,19 @@ def tune_decoder(
 ) -> list[dict[str, Any]]:
     """Train CLDF's decoder for every candidate, cluster its validation slices every way of ``grids["cluster"]``
     and keep each clustering's components every way of ``grids["components"]`` (no K-means re-run); write the
-    decoder of the best combination (validation Dice) to ``out``."""
+    decoder of the best combination (validation Dice) to ``out``.
+
+    The candidates are the optimiser (and quantile) grid, reading the first entry of
+    ``grids["feature_layers"]``; then the best of them reads each other entry (one decoder more per entry,
+    not one per combination). ``features`` holds every tapped layer (:class:`StoredFeatures`, maybe with
+    the image channels); a decoder reads its own layers' channels.
+    """
     slices = SliceStore(slices_path)
     ids, gt, _ = val_positives(slices, slices_path)
-    grid, scores, best = [], [], (-np.inf, None)
-    for candidate in decoder_candidates(grids, base["selection"]["threshold"]):
+    grid, scores = [], []
+    best: dict[str, Any] = {"score": -np.inf, "checkpoint": None, "candidate": None}
+
+    def score(candidate: dict[str, Any]) -> None:
         decoder, checkpoint = train_decoder(slices_path, features, cam_path, mg_path,
                                             decoder_settings(base, candidate, "fused"), None, seed, cap)
         for clustering in grids["cluster"]:
@@ -73,10 +83,17 @@ def tune_decoder(
                 grid.append({**candidate, **clustering, "min_component": fraction})
                 scores.append(mean_dice(keep_components(every, float(fraction)), gt))
                 LOG.info("decoder candidate %s: validation Dice %.4f", encode(grid[-1]), scores[-1])
-                score = scores[-1] if np.isfinite(scores[-1]) else -np.inf
-                if best[1] is None or score > best[0]:
-                    best = (score, checkpoint)
-    save_checkpoint(out, best[1])
+                value = scores[-1] if np.isfinite(scores[-1]) else -np.inf
+                if best["checkpoint"] is None or value > best["score"]:
+                    best.update(score=value, checkpoint=checkpoint, candidate=candidate)
+
+    layer_sets = [list(layers) for layers in grids.get("feature_layers", [])]
+    reads = {"feature_layers": layer_sets[0]} if layer_sets else {}
+    for candidate in decoder_candidates(grids, base["selection"]["threshold"]):
+        score({**candidate, **reads})
+    for layers in layer_sets[1:]:
+        score({**best["candidate"], "feature_layers": layers})
+    save_checkpoint(out, best["checkpoint"])
     return choice_rows("decoder", grid, scores)
 
 

@@ -78,7 +78,8 @@ def build_model(kind: str, settings: Mapping[str, Any], in_channels: int) -> nn.
     - ``amecam``, ``seam``, ``dig``: the comparison methods' networks (``cldf/models/<kind>.py``), each with
       ``cam(images (B, C, H, W), context) -> (B, H, W)`` and ``positive_probability(images) -> (B,)``.
     - ``pixel_decoder``: CLDF's per-pixel MLP (:class:`cldf.models.decoder.PixelDecoder`), features
-      (P, D) → unit embeddings (P, E); ``in_channels`` is the feature dimension D.
+      (P, D) → unit embeddings (P, E); ``in_channels`` is the feature dimension D, ``settings["channels"]``
+      the indices of the channels it reads (all when absent).
     """
     if kind == "cdm":
         return DiffusionModelUNet(
@@ -108,7 +109,7 @@ def build_model(kind: str, settings: Mapping[str, Any], in_channels: int) -> nn.
     if kind in METHOD_NETWORKS:
         return importlib.import_module(f"cldf.models.{kind}").build(settings, in_channels)
     if kind == "pixel_decoder":
-        return PixelDecoder(in_channels, settings["widths"])
+        return PixelDecoder(in_channels, settings["widths"], settings.get("channels"))
     if kind == "fsl_unet":
         channels = tuple(int(c) for c in settings["channels"])
         return UNet(

@@ -91,6 +91,32 @@ def iter_feature_batches(
         yield ids, upsample_features(layers, size)
 
 
+ChannelGroups = list[tuple[str, int]]
+"""The channels of a feature source in order, grouped: ``[(name, count), ...]``; a tapped layer's module
+name (``up_blocks.2``) or ``image`` for the image channels."""
+
+
+def input_channels(groups: ChannelGroups, feature_layers: Sequence[str] | None) -> list[int] | None:
+    """Indices of the channels of ``groups`` a decoder reading the layers ``feature_layers`` (and the image
+    channels, when the source has them) sees; None (all) when ``feature_layers`` is None.
+
+    Raises :class:`StoreError` naming a layer the source does not hold.
+    """
+    if feature_layers is None:
+        return None
+    names = [name for name, _ in groups]
+    missing = [layer for layer in feature_layers if layer not in names]
+    if missing:
+        raise StoreError(f"the decoder reads the feature layers {list(feature_layers)}, but its features hold "
+                         f"{[n for n in names if n != 'image']}: {missing} missing (features.layers must tap them)")
+    read, start = [], 0
+    for name, count in groups:
+        if name in feature_layers or name == "image":
+            read += range(start, start + count)
+        start += count
+    return read
+
+
 class StoredFeatures:
     """Features of the slices of a features store.
 
@@ -105,6 +131,9 @@ class StoredFeatures:
         store = MapStore(path)
         self._names = layer_names(store)
         self.dim = int(sum(store.group[name].shape[1] for name in self._names))
+        tapped = store.attrs.get("settings", {}).get("layers") or self._names
+        self.channel_groups: ChannelGroups = [(str(layer), int(store.group[name].shape[1]))
+                                              for layer, name in zip(tapped, self._names)]
         nbytes = sum(store.group[name].nbytes for name in self._names)
         self._cache = [np.asarray(store.group[name][:]) for name in self._names] if nbytes <= cache_bytes else None
         self._row = {int(s): r for r, s in enumerate(store.slice_ids)}
@@ -150,6 +179,7 @@ class ComputedFeatures:
         probe = diffusion_features(self.model, torch.full(shape, -1.0, device=device), torch.zeros(1, dtype=torch.long),
                                    np.zeros(1, np.int64), self.seed, settings)
         self.dim = int(sum(f.shape[1] for f in probe))
+        self.channel_groups: ChannelGroups = [(str(layer), int(f.shape[1])) for layer, f in zip(settings["layers"], probe)]
 
     def classes(self, ids: np.ndarray) -> torch.Tensor:
         """CDM class per slice under this conditioning: long (B,)."""
@@ -180,6 +210,7 @@ class WithImage:
         self.source, self.slices = source, slices
         self.device = source.device
         self.dim = source.dim + slices.channels
+        self.channel_groups: ChannelGroups = [*source.channel_groups, ("image", slices.channels)]
 
     def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for ids, feats in self.source.batches(slice_ids, batch_size):

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from cldf.errors import PipelineError
 from cldf.models.checkpoint import CheckpointError, load_checkpoint, model_from_payload, save_checkpoint
 from cldf.models.decoder import PixelDecoder, embed_slices
-from cldf.segment.features import StoredFeatures
+from cldf.segment.features import StoredFeatures, input_channels
 from cldf.segment.selection import MODE_MAPS, select_pixels
 from cldf.segment.supcon import supcon_loss
 from cldf.data.splits import training_rows
@@ -175,10 +175,11 @@ def train_decoder(
         CAM and mean-gradient map stores; the one the selection mode does not use may be None.
     settings
         ``{"selection": {mode, threshold, quantile, background, max_background, max_foreground},
-        "decoder": {widths, temperature, optimizer, lr, loss, epochs, batch_size}}``.
+        "decoder": {widths, temperature, optimizer, lr, loss, epochs, batch_size, [feature_layers]}}``
+        (the layers it reads, :func:`cldf.segment.features.input_channels`; all when absent).
     out
         Checkpoint path (the format of :mod:`cldf.models.checkpoint`), or None to keep it in memory only:
-        ``kind`` "pixel_decoder", ``settings`` (``widths`` and the training settings), ``in_channels`` = D,
+        ``kind`` "pixel_decoder", ``settings`` (``widths``, ``channels`` read and the training settings), ``in_channels`` = D,
         ``state_dict``, ``prototypes`` (``foreground``/``background``: float32 (E,) unit vectors), ``seed``,
         ``stats``.
     seed, cap
@@ -204,7 +205,8 @@ def train_decoder(
         raise PipelineError(f"{slices_path} has no training slice with label 0 or 1")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        decoder = PixelDecoder(features.dim, dec["widths"]).to(features.device)
+        decoder = PixelDecoder(features.dim, dec["widths"],
+                               input_channels(features.channel_groups, dec.get("feature_layers"))).to(features.device)
     optimizer = _make_optimizer(decoder, dec["optimizer"], float(dec["lr"]))
     generator = torch.Generator().manual_seed(seed)
     order_rng = np.random.default_rng(seed)
@@ -225,7 +227,7 @@ def train_decoder(
         "positive_slices_without_foreground": counts["positive_slices_without_foreground"],
     }
     checkpoint = {
-        "kind": CHECKPOINT_KIND, "settings": {"widths": list(decoder.widths), **_plain(settings)},
+        "kind": CHECKPOINT_KIND, "settings": {"widths": decoder.widths, "channels": decoder.channels, **_plain(settings)},
         "in_channels": features.dim, "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
         "prototypes": prototypes, "seed": int(seed), "stats": stats,
     }
