@@ -143,17 +143,23 @@ def cmd_choose_layers(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
+    import torch
+
     from cldf.evaluate.choices import write_rows
     from cldf.evaluate.choose import tune_decoder
     from cldf.segment.features import StoredFeatures, decoder_inputs
     from cldf.store import SliceStore
 
+    device = _device(args)
+    workers = (args.threads or 1) if device.type == "cpu" else 1
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # the threads train candidates side by side, one each: same rows whatever --threads
     s = args.settings
     slices = SliceStore(args.slices)
-    features = decoder_inputs(StoredFeatures(args.features, slices.image_size, _device(args)), slices,
+    features = decoder_inputs(StoredFeatures(args.features, slices.image_size, device), slices,
                               s["cldf"]["decoder"]["with_image"])
     rows = tune_decoder(args.slices, features, args.cam, args.mg, s["cldf"], s["choices"], args.out, args.seed,
-                        int(s["max_train_slices"]))
+                        int(s["max_train_slices"]), workers=workers)
     write_rows(rows, args.rows_out)
 
 

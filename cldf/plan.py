@@ -14,7 +14,7 @@ import shutil
 from typing import Any, Callable, Mapping
 
 from cldf.catalogue import Catalogue
-from cldf.config import dataset_settings, model_settings, resolved_preset
+from cldf.config import dataset_settings, decoder_candidates, model_settings, resolved_preset
 from cldf.io.layouts import case_files, list_cases
 from cldf.plan_own import OwnData
 from cldf.registry import DECODERS, MAPS, MODEL_KINDS, SEGMENTERS, MapMethod, map_by_store, map_settings
@@ -260,6 +260,14 @@ class Plan(OwnData):
         device = self.config["device"]
         uses_cuda = device.startswith("cuda") or (device == "auto" and shutil.which("nvidia-smi") is not None)
         return 1 if uses_cuda else 0
+
+    def tune_threads(self) -> int:
+        """Threads of CLDF's decoder tuning: on the CPU preset one per candidate of its first stage (they train
+        side by side, one thread each, so a switch of CAM waits less; Snakemake caps them at ``--cores``);
+        elsewhere :meth:`train_threads` (a GPU trains the candidates one after another)."""
+        if self.config["model_preset"] != "cpu":
+            return self.train_threads()
+        return len(decoder_candidates(self.config["choices"], self.config["cldf"]["selection"]["threshold"]))
 
     def train_threads(self) -> int:
         """On the CPU preset one thread per job and jobs side by side beat multi-threaded jobs one after the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -49,8 +50,10 @@ def test_supcon_matches_brute_force_with_singleton_class():
         assert torch.allclose(supcon_loss(emb, y, temperature), brute_force_supcon(emb, y, temperature))
 
 
-def test_supcon_chunked_gradients_match_brute_force(monkeypatch):
+@pytest.mark.parametrize("keep_bytes", [1 << 28, 0])  # exponentials kept for the backward, or recomputed
+def test_supcon_chunked_gradients_match_brute_force(monkeypatch, keep_bytes):
     monkeypatch.setattr(supcon_module, "ANCHOR_CHUNK", 3)
+    monkeypatch.setattr(supcon_module, "KEEP_BYTES", keep_bytes)
     gen = torch.Generator().manual_seed(1)
     raw = torch.randn(10, 4, generator=gen, dtype=torch.float64)
     y = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 1, 0])
@@ -189,10 +192,11 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return (x - x.min()) / (x.max() - x.min())
 
 
-def _make_toy(root: Path) -> dict:
-    """Slices, features (8×8 and 32×32 layers), CAM and MG stores of a toy 'tumour' dataset."""
+def _make_toy(root: Path, n_val: int = 0) -> dict:
+    """Slices, features (8×8 and 32×32 layers), CAM and MG stores of a toy 'tumour' dataset; the first
+    ``n_val`` positive training slices are validation slices instead."""
     rng = np.random.default_rng(0)
-    split_names = ["train"] * 28 + ["test"] * 10
+    split_names = ["val"] * n_val + ["train"] * (28 - n_val) + ["test"] * 10
     labels = np.array([1] * 20 + [0] * 8 + [1] * 8 + [0] * 2, dtype=np.int8)
     n = len(labels)
     body = np.zeros((n, SIZE, SIZE), dtype=bool)
@@ -317,6 +321,28 @@ def test_decoder_reads_only_the_channels_of_its_feature_layers(toy):
     assert torch.equal(embed_slices(only_b, feats), embed_slices(only_b, changed))  # layer a is not read
     every, _ = load_decoder(toy["decoder"], CPU)
     assert not torch.allclose(embed_slices(every, feats), embed_slices(every, changed))
+
+
+def test_tuning_reads_each_layer_set_and_gives_the_same_rows_with_more_workers(tmp_path):
+    from cldf.evaluate.choose import tune_decoder
+
+    p = _make_toy(tmp_path, n_val=6)["paths"]
+    features = StoredFeatures(p["features"], SIZE, CPU)
+    base = {"selection": {**SETTINGS["selection"], "threshold": "quantile"}, "decoder": {**SETTINGS["decoder"], "epochs": 2},
+            "cluster": {"inside_body": True}}
+    grids = {"quantile": [0.8], "optimizer": [{"optimizer": "adam", "lr": 1e-2, "loss": "mean"},
+                                              {"optimizer": "sgd", "lr": 1.0, "loss": "sum"}],
+             "feature_layers": [["a", "b"], ["b"]], "cluster": [{"k": 2, "assign": "prototype"}], "components": [0.0, 1.0]}
+    runs = [tune_decoder(p["slices"], features, p["cam"], p["mg"], base, grids, tmp_path / f"d{w}.pt", 3, 1000, workers=w)
+            for w in (1, 2)]
+    assert runs[0] == runs[1]
+    assert [json.loads(r["value"])["feature_layers"] for r in runs[0]] == [["a", "b"]] * 4 + [["b"]] * 2
+    best = json.loads(next(r["value"] for r in runs[0][:4] if r["val_dice"] == max(x["val_dice"] for x in runs[0][:4])))
+    assert json.loads(runs[0][4]["value"])["optimizer"] == best["optimizer"]  # the layer set is tried on the best
+    one, two = (load_decoder(tmp_path / f"d{w}.pt", CPU)[0] for w in (1, 2))
+    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))
+    chosen = json.loads(next(r["value"] for r in runs[0] if r["chosen"]))
+    assert one.channels == (list(range(10)) if chosen["feature_layers"] == ["a", "b"] else [6, 7, 8, 9])
 
 
 def test_kmeans_on_embeddings_beats_thresholded_cam(toy):

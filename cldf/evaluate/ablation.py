@@ -38,6 +38,7 @@ class CachedFeatures:
     def __init__(self, source: StoredFeatures | ComputedFeatures | Any, ids: np.ndarray, batch_size: int = 8) -> None:
         self.dim, self.device, self.channel_groups = source.dim, source.device, source.channel_groups
         self._cache = {int(i): f.half() for batch, feats in source.batches(ids, batch_size) for i, f in zip(batch, feats)}
+        self.held_ids = np.asarray(sorted(self._cache), dtype=np.int64)
 
     def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         slice_ids = np.asarray(slice_ids, dtype=np.int64)

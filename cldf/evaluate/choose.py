@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
 import numpy as np
@@ -59,6 +60,7 @@ def tune_decoder(
     out: str | os.PathLike,
     seed: int,
     cap: int,
+    workers: int = 1,
 ) -> list[dict[str, Any]]:
     """Train CLDF's decoder for every candidate, cluster its validation slices every way of ``grids["cluster"]``
     and keep each clustering's components every way of ``grids["components"]`` (no K-means re-run); write the
@@ -67,34 +69,42 @@ def tune_decoder(
     The candidates are the optimiser (and quantile) grid, reading the first entry of
     ``grids["feature_layers"]``; then the best of them reads each other entry (one decoder more per entry,
     not one per combination). ``features`` holds every tapped layer (:class:`StoredFeatures`, maybe with
-    the image channels); a decoder reads its own layers' channels.
+    the image channels); a decoder reads its own layers' channels. Up to ``workers`` candidates train at
+    once, each in one thread of its own, so the rows and the decoder do not depend on ``workers``.
     """
     slices = SliceStore(slices_path)
     ids, gt, _ = val_positives(slices, slices_path)
-    grid, scores = [], []
-    best: dict[str, Any] = {"score": -np.inf, "checkpoint": None, "candidate": None}
 
-    def score(candidate: dict[str, Any]) -> None:
+    def evaluate(candidate: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[tuple[dict[str, Any], float]]]:
         decoder, checkpoint = train_decoder(slices_path, features, cam_path, mg_path,
                                             decoder_settings(base, candidate, "fused"), None, seed, cap)
+        rows = []
         for clustering in grids["cluster"]:
             every = segment_ids(features, decoder, checkpoint, slices, ids, cluster_settings(base["cluster"], clustering), seed)
             for fraction in grids["components"]:
-                grid.append({**candidate, **clustering, "min_component": fraction})
-                scores.append(mean_dice(keep_components(every, float(fraction)), gt))
-                LOG.info("decoder candidate %s: validation Dice %.4f", encode(grid[-1]), scores[-1])
-                value = scores[-1] if np.isfinite(scores[-1]) else -np.inf
-                if best["checkpoint"] is None or value > best["score"]:
-                    best.update(score=value, checkpoint=checkpoint, candidate=candidate)
+                rows.append(({**candidate, **clustering, "min_component": fraction},
+                             mean_dice(keep_components(every, float(fraction)), gt)))
+        return candidate, checkpoint, rows
 
     layer_sets = [list(layers) for layers in grids.get("feature_layers", [])]
     reads = {"feature_layers": layer_sets[0]} if layer_sets else {}
-    for candidate in decoder_candidates(grids, base["selection"]["threshold"]):
-        score({**candidate, **reads})
-    for layers in layer_sets[1:]:
-        score({**best["candidate"], "feature_layers": layers})
-    save_checkpoint(out, best["checkpoint"])
+    with ThreadPoolExecutor(max(1, int(workers))) as pool:
+        results = list(pool.map(evaluate, [{**c, **reads} for c in decoder_candidates(grids, base["selection"]["threshold"])]))
+        best = results[_best(results)]
+        results += list(pool.map(evaluate, [{**best[0], "feature_layers": layers} for layers in layer_sets[1:]]))
+    grid = [entry for _, _, rows in results for entry, _ in rows]
+    scores = [score for _, _, rows in results for _, score in rows]
+    for entry, score in zip(grid, scores):
+        LOG.info("decoder candidate %s: validation Dice %.4f", encode(entry), score)
+    save_checkpoint(out, results[_best(results)][1])
     return choice_rows("decoder", grid, scores)
+
+
+def _best(results: list[tuple[Any, Any, list[tuple[dict[str, Any], float]]]]) -> int:
+    """Index of the ``(candidate, checkpoint, rows)`` holding the best validation Dice of its rows (the first
+    on ties; the first when none is finite)."""
+    top = [max((s if np.isfinite(s) else -np.inf for _, s in rows), default=-np.inf) for _, _, rows in results]
+    return int(np.argmax(top))
 
 
 def segment_ids(features, decoder, checkpoint, slices: SliceStore, ids: np.ndarray, cluster: Mapping[str, Any],

@@ -137,6 +137,8 @@ class StoredFeatures:
         nbytes = sum(store.group[name].nbytes for name in self._names)
         self._cache = [np.asarray(store.group[name][:]) for name in self._names] if nbytes <= cache_bytes else None
         self._row = {int(s): r for r, s in enumerate(store.slice_ids)}
+        # the slice ids served from memory (None when read batch by batch)
+        self.held_ids = np.asarray(store.slice_ids, dtype=np.int64) if self._cache is not None else None
 
     def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """``(ids (B,), features float32 (B, D, H, W) on the device)`` for consecutive batches of ``slice_ids``."""
@@ -203,18 +205,32 @@ class WithImage:
     """A feature source whose pixels also carry the slice's image channels: (B, D + C, H, W).
 
     The image intensities are features like the diffusion ones: the decoder may learn that a channel's
-    brightness matters; no threshold is imposed on them.
+    brightness matters; no threshold is imposed on them. When the source holds its slices in memory
+    (``held_ids``), their images are read once too (up to ``cache_bytes``), so the epochs of decoder
+    training and the candidates of its tuning do not re-read them batch by batch.
     """
 
-    def __init__(self, source: StoredFeatures | ComputedFeatures, slices: SliceStore) -> None:
+    def __init__(self, source: StoredFeatures | ComputedFeatures, slices: SliceStore,
+                 cache_bytes: int = CACHE_BYTES) -> None:
         self.source, self.slices = source, slices
         self.device = source.device
         self.dim = source.dim + slices.channels
         self.channel_groups: ChannelGroups = [*source.channel_groups, ("image", slices.channels)]
+        held = getattr(source, "held_ids", None)
+        self._images: tuple[dict[int, int], np.ndarray] | None = None
+        if held is not None and len(held) * slices.channels * slices.image_size**2 * 4 <= cache_bytes:
+            ids = np.sort(held)
+            self._images = ({int(s): r for r, s in enumerate(ids)}, slices.images(ids))
+
+    def _read_images(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (B, C, H, W) images of ``ids``, from memory when held."""
+        if self._images is not None and all(int(s) in self._images[0] for s in ids):
+            return self._images[1][[self._images[0][int(s)] for s in ids]]
+        return self.slices.images(ids)
 
     def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for ids, feats in self.source.batches(slice_ids, batch_size):
-            images = torch.from_numpy(self.slices.images(ids)).to(feats.device)
+            images = torch.from_numpy(self._read_images(ids)).to(feats.device)
             yield ids, torch.cat([feats, images], dim=1)
 
 

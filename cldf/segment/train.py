@@ -8,6 +8,7 @@ background prototypes are accumulated as running sums.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -25,6 +26,7 @@ from cldf.data.splits import training_rows
 from cldf.store import MapStore, SliceStore
 
 CHECKPOINT_KIND = "pixel_decoder"
+_INIT_LOCK = threading.Lock()
 
 
 def _read_map(store: MapStore | None, ids: np.ndarray) -> torch.Tensor | None:
@@ -203,7 +205,7 @@ def train_decoder(
     ids = training_rows(slices, cap, seed)
     if len(ids) == 0:
         raise PipelineError(f"{slices_path} has no training slice with label 0 or 1")
-    with torch.random.fork_rng(devices=[]):
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):  # the global generator: one thread at a time
         torch.manual_seed(seed)
         decoder = PixelDecoder(features.dim, dec["widths"],
                                input_channels(features.channel_groups, dec.get("feature_layers"))).to(features.device)

@@ -46,7 +46,7 @@ rule tune_decoder:
         CAT.log(CAT.pattern("tuning")),
     benchmark:
         CAT.benchmark(CAT.pattern("tuning"))
-    threads: TRAIN_THREADS
+    threads: PLAN.tune_threads()
     priority: 2
     resources:
         mem_mb=6000,
