@@ -416,3 +416,17 @@ def test_keep_components_drops_islands_smaller_than_the_fraction():
     assert not keep_components(np.zeros((5, 5), bool), 1.0).any()
     with pytest.raises(ValueError):
         keep_components(mask, 1.5)
+
+
+def test_a_lever_that_taps_other_layers_has_the_decoder_read_them_all():
+    from cldf.evaluate.ablation import lever_settings
+
+    base = {"decoder": {"epochs": 5, "feature_layers": ["up_blocks.2"]},
+            "features": {"timesteps": [1, 10], "layers": ["up_blocks.1", "up_blocks.2"]}}
+    wider = lever_settings(base, {"features": {"layers": ["up_blocks.0", "up_blocks.1", "up_blocks.2"]}})
+    assert "feature_layers" not in wider["decoder"] and wider["decoder"]["epochs"] == 5
+    assert "feature_layers" not in lever_settings(base, {"features": {"source": "cam_classifier", "layers": ["layer1"]}})["decoder"]
+    assert lever_settings(base, {"features": {"timesteps": [1]}})["decoder"]["feature_layers"] == ["up_blocks.2"]
+    both = ["up_blocks.1", "up_blocks.2"]
+    assert lever_settings(base, {"decoder": {"feature_layers": both}})["decoder"]["feature_layers"] == both
+    assert base["decoder"]["feature_layers"] == ["up_blocks.2"]  # the chosen settings are not changed

@@ -95,11 +95,7 @@ class Ablation:
 
     def score(self, name: str, overrides: Mapping[str, Any], n_resamples: int) -> dict[str, Any]:
         """Retrain CLDF's decoder with ``overrides`` and score it on validation and test."""
-        settings = deep_merge(self.base, overrides)
-        features, reads = settings["features"], settings["decoder"].get("feature_layers")
-        if reads is not None and (features.get("source", "cdm") != "cdm" or not set(reads) <= set(features["layers"])):
-            # a lever that taps other layers: the decoder reads them all
-            settings["decoder"] = {k: v for k, v in settings["decoder"].items() if k != "feature_layers"}
+        settings = lever_settings(self.base, overrides)
         train, test = self._sources(settings)
         decoder_cfg = {"selection": settings["selection"], "decoder": settings["decoder"]}
         decoder, checkpoint = train_decoder(self.slices_path, train, self.maps["cam"], self.maps["mg"],
@@ -113,6 +109,16 @@ class Ablation:
         return {"lever": name, "changed": json.dumps(overrides, sort_keys=True), "val_dice": val,
                 "test_dice": float(dice.mean()), "test_ci_low": low, "test_ci_high": high,
                 "n_cases": len(set(self.test_cases))}
+
+
+def lever_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """CLDF's chosen settings ``base`` with one lever's ``overrides``. A lever that taps other layers or
+    another network (``features.layers`` or ``features.source``) has the decoder read every layer it taps,
+    not the layer set chosen for the stored features, unless it also sets ``decoder.feature_layers``."""
+    settings = deep_merge(base, overrides)
+    if overrides.get("features", {}).keys() & {"layers", "source"} and "feature_layers" not in overrides.get("decoder", {}):
+        settings["decoder"] = {k: v for k, v in settings["decoder"].items() if k != "feature_layers"}
+    return settings
 
 
 def chosen_settings(config_cldf: Mapping[str, Any], tuned: Mapping[str, Any], features: Mapping[str, Any],
