@@ -150,10 +150,10 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from cldf.segment.features import StoredFeatures, decoder_inputs
     from cldf.store import SliceStore
 
-    device = _device(args)
-    workers = (args.threads or 1) if device.type == "cpu" else 1
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # the threads train candidates side by side, one each: same rows whatever --threads
+    device, workers = _device(args), 1
+    if device.type == "cpu":  # the threads train candidates side by side, one each: same rows whatever --threads
+        workers = args.threads or 1
+        torch.set_num_threads(1)
     s = args.settings
     slices = SliceStore(args.slices)
     features = decoder_inputs(StoredFeatures(args.features, slices.image_size, device), slices,

@@ -130,10 +130,11 @@ class StoredFeatures:
         self.path, self.size, self.device = path, int(size), device
         store = MapStore(path)
         self._names = layer_names(store)
-        self.dim = int(sum(store.group[name].shape[1] for name in self._names))
-        tapped = store.attrs.get("settings", {}).get("layers") or self._names
+        tapped = store.attrs.get("settings", {}).get("layers") or []
+        tapped = tapped if len(tapped) == len(self._names) else self._names  # module names when recorded
         self.channel_groups: ChannelGroups = [(str(layer), int(store.group[name].shape[1]))
                                               for layer, name in zip(tapped, self._names)]
+        self.dim = sum(count for _, count in self.channel_groups)
         nbytes = sum(store.group[name].nbytes for name in self._names)
         self._cache = [np.asarray(store.group[name][:]) for name in self._names] if nbytes <= cache_bytes else None
         self._row = {int(s): r for r, s in enumerate(store.slice_ids)}
@@ -180,8 +181,8 @@ class ComputedFeatures:
         shape = (1, slices.channels, slices.image_size, slices.image_size)
         probe = diffusion_features(self.model, torch.full(shape, -1.0, device=device), torch.zeros(1, dtype=torch.long),
                                    np.zeros(1, np.int64), self.seed, settings)
-        self.dim = int(sum(f.shape[1] for f in probe))
         self.channel_groups: ChannelGroups = [(str(layer), int(f.shape[1])) for layer, f in zip(settings["layers"], probe)]
+        self.dim = sum(count for _, count in self.channel_groups)
 
     def classes(self, ids: np.ndarray) -> torch.Tensor:
         """CDM class per slice under this conditioning: long (B,)."""
