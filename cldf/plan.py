@@ -119,7 +119,7 @@ class Plan(OwnData):
     def tune_settings(self) -> dict[str, Any]:
         """Settings of CLDF's decoder tuning (and of the ablation decoders, which reuse its choice)."""
         choices, rule = self.config["choices"], self.config["cldf"]["selection"]["threshold"]
-        grids = ("optimizer", "feature_layers", "cluster", "components") + (("quantile",) if rule == "quantile" else ())
+        grids = ("optimizer", "feature_layers", "cluster", "components", "slice_vote") + (("quantile",) if rule == "quantile" else ())
         return {"cldf": self.cldf_settings(), "choices": {k: choices[k] for k in grids},
                 "max_train_slices": self.config["features"]["max_train_slices"]}
 

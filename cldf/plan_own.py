@@ -102,7 +102,8 @@ class OwnData:
         tag = "" if cam == self.config["cldf"]["cam"] else f"@{cam}"
         if part == "tuning":
             default = {**decoder_candidates(grids, self.config["cldf"]["selection"]["threshold"])[0], **grids["cluster"][0],
-                       "feature_layers": grids["feature_layers"][0], "min_component": grids["components"][0]}
+                       "feature_layers": grids["feature_layers"][0], "min_component": grids["components"][0],
+                       "slice_vote": grids["slice_vote"][0]}
             return {"decoder": ["decoder" + tag, default]}
         return {name: [name + tag, grids[name][0]] for name in ("conditioning", "gate")}
 

@@ -96,7 +96,7 @@ def test_every_choice_is_recorded_with_its_grid(work: Path) -> None:
     quantiles = len(grids["quantile"]) if CONFIG["cldf"]["selection"]["threshold"] == "quantile" else 1
     # the optimiser (and quantile) grid reads the first layer set; its best then reads each other set
     decoders = quantiles * len(grids["optimizer"]) + len(grids["feature_layers"]) - 1
-    assert counts["decoder"] == decoders * len(grids["cluster"]) * len(grids["components"])
+    assert counts["decoder"] == decoders * len(grids["cluster"]) * len(grids["components"]) * len(grids["slice_vote"])
     tried = [json.loads(v)["feature_layers"] for v in selection[selection.choice == "decoder"].value]
     assert [list(x) for x in dict.fromkeys(map(tuple, tried))] == grids["feature_layers"]
     assert counts["conditioning"] == len(grids["conditioning"]) and counts["gate"] == len(grids["gate"])

@@ -15,6 +15,7 @@ from skimage.filters import threshold_otsu
 import cldf.segment.supcon as supcon_module
 from cldf.segment.cluster import cluster_slice, run_segmentation
 from cldf.segment.components import keep_components
+from cldf.segment.context import vote_slices
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import StoredFeatures, decoder_inputs, input_channels, iter_feature_batches, upsample_features
 from cldf.segment.selection import activated, select_pixels
@@ -332,13 +333,15 @@ def test_tuning_reads_each_layer_set_and_gives_the_same_rows_with_more_workers(t
             "cluster": {"inside_body": True}}
     grids = {"quantile": [0.8], "optimizer": [{"optimizer": "adam", "lr": 1e-2, "loss": "mean"},
                                               {"optimizer": "sgd", "lr": 1.0, "loss": "sum"}],
-             "feature_layers": [["a", "b"], ["b"]], "cluster": [{"k": 2, "assign": "prototype"}], "components": [0.0, 1.0]}
+             "feature_layers": [["a", "b"], ["b"]], "cluster": [{"k": 2, "assign": "prototype"}], "components": [0.0, 1.0],
+             "slice_vote": [0, 1]}
     runs = [tune_decoder(p["slices"], features, p["cam"], p["mg"], base, grids, tmp_path / f"d{w}.pt", 3, 1000, workers=w)
             for w in (1, 2)]
     assert runs[0] == runs[1]
-    assert [json.loads(r["value"])["feature_layers"] for r in runs[0]] == [["a", "b"]] * 4 + [["b"]] * 2
-    best = json.loads(next(r["value"] for r in runs[0][:4] if r["val_dice"] == max(x["val_dice"] for x in runs[0][:4])))
-    assert json.loads(runs[0][4]["value"])["optimizer"] == best["optimizer"]  # the layer set is tried on the best
+    assert [json.loads(r["value"])["feature_layers"] for r in runs[0]] == [["a", "b"]] * 8 + [["b"]] * 4
+    assert [json.loads(r["value"])["slice_vote"] for r in runs[0]] == [0, 1] * 6
+    best = json.loads(next(r["value"] for r in runs[0][:8] if r["val_dice"] == max(x["val_dice"] for x in runs[0][:8])))
+    assert json.loads(runs[0][8]["value"])["optimizer"] == best["optimizer"]  # the layer set is tried on the best
     one, two = (load_decoder(tmp_path / f"d{w}.pt", CPU)[0] for w in (1, 2))
     assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))
     chosen = json.loads(next(r["value"] for r in runs[0] if r["chosen"]))
@@ -376,6 +379,26 @@ def test_same_seed_same_decoder_and_masks(toy):
     assert np.array_equal(MapStore(toy["masks"]).read("masks", ids), MapStore(root / "again").read("masks", ids))
 
 
+def test_segmentation_votes_over_neighbouring_slices_when_chosen(toy, tmp_path):
+    """The same slices regrouped: the test slices one case, in a row; with ``slice_vote`` the masks are the
+    vote of the masks segmented without it."""
+    n, test = len(toy["labels"]), np.flatnonzero(toy["split"] == "test")
+    case_index, slice_index = np.arange(n), np.zeros(n, dtype=np.int64)
+    case_index[test], slice_index[test] = test[0], np.arange(len(test))
+    write_slice_store(tmp_path / "slices", np.zeros((n, 1, SIZE, SIZE), np.float32), toy["labels"], case_index,
+                      list(toy["split"]), toy["truth"], body=toy["body"], slice_index=slice_index, modalities=["t1"])
+    features = StoredFeatures(toy["paths"]["features"], SIZE, CPU)
+    segmented = toy["labels"][test] != 0
+    run_segmentation(tmp_path / "slices", features, {"masks": toy["decoder"]}, {**CLUSTER, "slice_vote": 2}, test,
+                     segmented, tmp_path / "voted", CPU, seed=3)
+    alone = MapStore(toy["masks"]).read("masks", test)
+    expected = alone.copy()
+    expected[segmented] = vote_slices(alone[segmented], case_index[test][segmented], slice_index[test][segmented], 2)
+    voted = MapStore(tmp_path / "voted").read("masks", test)
+    assert np.array_equal(voted, expected)
+    assert not np.array_equal(voted, alone)
+
+
 def test_cluster_slice_degenerate_and_region():
     emb = torch.zeros(2, 6, 6)
     emb[0] = 1.0
@@ -399,6 +422,36 @@ def test_segment_code_never_reads_ground_truth():
     for path in files:
         text = path.read_text()
         assert "ground_truth" not in text and "read_ground_truth" not in text, path.name
+
+
+def test_vote_slices_keeps_pixels_a_majority_of_neighbouring_masks_mark():
+    masks = np.zeros((7, 4, 4), dtype=np.uint8)
+    masks[0:5, 1:3, 1:3] = 1  # case 0, slices 10-14: a block
+    masks[2, 0, 0] = 1  # a speck on the middle slice only
+    masks[1, 3, 3] = masks[3, 3, 3] = 1  # a pixel both neighbours of slice 12 mark, slice 12 misses
+    masks[0, 0, 3] = masks[1, 0, 3] = masks[4, 0, 3] = 1  # 3 of the 5 slices 10-14, 2 of 3 around slice 11
+    masks[5, 2, 2] = 1  # case 1, slice 11: not a neighbour of case 0's slices
+    masks[6, 0, 3] = 1  # case 2 alone: keeps its own mask
+    case, z = np.array([0, 0, 0, 0, 0, 1, 2]), np.array([10, 11, 12, 13, 14, 11, 40])
+    order = np.array([2, 6, 4, 0, 5, 3, 1])  # any order of the slices gives the same masks
+
+    def vote(radius: int) -> np.ndarray:
+        return vote_slices(masks[order], case[order], z[order], radius)[np.argsort(order)]
+
+    assert np.array_equal(vote(0), masks)
+    one, two = vote(1), vote(2)
+    assert one.dtype == np.uint8
+    assert one[0:5, 1:3, 1:3].all() and two[0:5, 1:3, 1:3].all()
+    assert not one[2, 0, 0] and not two[2, 0, 0]  # the speck goes
+    assert one[2, 3, 3] and not two[2, 3, 3]  # 2 of 3 around slice 12, but 2 of 5 only
+    assert one[0, 0, 3] and one[1, 0, 3] and not one[4, 0, 3]  # an end slice needs its one neighbour to agree
+    assert two[2, 0, 3] and not two[3, 0, 3]  # 3 of the 5 around slice 12; 2 of the 4 around slice 13
+    for voted in (one, two):  # no segmented slice around: a mask is kept as it is
+        assert voted[5, 2, 2] and voted[6, 0, 3] and voted[5].sum() == 1 and voted[6].sum() == 1
+    with pytest.raises(ValueError):
+        vote_slices(masks, case, np.array([10, 10, 12, 13, 14, 11, 40]), 1)
+    with pytest.raises(ValueError):
+        vote_slices(masks, case, z, -1)
 
 
 def test_keep_components_drops_islands_smaller_than_the_fraction():

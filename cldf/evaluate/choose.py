@@ -21,8 +21,9 @@ import torch
 from cldf.config import decoder_candidates
 from cldf.evaluate.choices import choice_rows, encode, mean_dice, val_positives
 from cldf.models.checkpoint import save_checkpoint
-from cldf.segment.cluster import prototypes_of, segment_batches
+from cldf.segment.cluster import prototypes_of, segment_slices
 from cldf.segment.components import keep_components
+from cldf.segment.context import vote_slices
 from cldf.segment.features import ComputedFeatures, StoredFeatures, decoder_inputs
 from cldf.segment.train import load_decoder, train_decoder
 from cldf.store import MapStore, SliceStore, read_ground_truth
@@ -43,11 +44,13 @@ def decoder_settings(base: Mapping[str, Any], candidate: Mapping[str, Any], mode
 
 
 def cluster_settings(base: Mapping[str, Any], candidate: Mapping[str, Any]) -> dict[str, Any]:
-    """Clustering settings: the config's (``inside_body``) with a tuned candidate's ``k``, ``assign`` and
+    """Clustering settings: the config's (``inside_body``) with a tuned candidate's ``k``, ``assign``,
     ``min_component`` (:func:`cldf.segment.components.keep_components`; 0, every component, when the
-    candidate has none)."""
+    candidate has none) and ``slice_vote`` (the radius of :func:`cldf.segment.context.vote_slices`; 0, no
+    vote, when the candidate has none)."""
     return {**base, "k": int(candidate["k"]), "assign": candidate["assign"],
-            "min_component": float(candidate.get("min_component", 0.0))}
+            "min_component": float(candidate.get("min_component", 0.0)),
+            "slice_vote": int(candidate.get("slice_vote", 0))}
 
 
 def tune_decoder(
@@ -62,9 +65,10 @@ def tune_decoder(
     cap: int,
     workers: int = 1,
 ) -> list[dict[str, Any]]:
-    """Train CLDF's decoder for every candidate, cluster its validation slices every way of ``grids["cluster"]``
-    and keep each clustering's components every way of ``grids["components"]`` (no K-means re-run); write the
-    decoder of the best combination (validation Dice) to ``out``.
+    """Train CLDF's decoder for every candidate, cluster its validation slices every way of ``grids["cluster"]``,
+    keep each clustering's components every way of ``grids["components"]`` and let neighbouring slices vote
+    within each radius of ``grids["slice_vote"]`` (no K-means re-run); write the decoder of the best combination
+    (validation Dice) to ``out``.
 
     The candidates are the optimiser (and quantile) grid, reading the first entry of
     ``grids["feature_layers"]``; then the best of them reads each other entry (one decoder more per entry,
@@ -74,6 +78,7 @@ def tune_decoder(
     """
     slices = SliceStore(slices_path)
     ids, gt, _ = val_positives(slices, slices_path)
+    where = slices.case_index[ids], slices.slice_index[ids]
 
     def evaluate(candidate: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[tuple[dict[str, Any], float]]]:
         decoder, checkpoint = train_decoder(slices_path, features, cam_path, mg_path,
@@ -82,8 +87,10 @@ def tune_decoder(
         for clustering in grids["cluster"]:
             every = segment_ids(features, decoder, checkpoint, slices, ids, cluster_settings(base["cluster"], clustering), seed)
             for fraction in grids["components"]:
-                rows.append(({**candidate, **clustering, "min_component": fraction},
-                             mean_dice(keep_components(every, float(fraction)), gt)))
+                kept = keep_components(every, float(fraction))
+                for radius in grids["slice_vote"]:
+                    rows.append(({**candidate, **clustering, "min_component": fraction, "slice_vote": radius},
+                                 mean_dice(vote_slices(kept, *where, int(radius)), gt)))
         return candidate, checkpoint, rows
 
     layer_sets = [list(layers) for layers in grids.get("feature_layers", [])]
@@ -109,11 +116,12 @@ def _best(results: list[tuple[Any, Any, list[tuple[dict[str, Any], float]]]]) ->
 
 def segment_ids(features, decoder, checkpoint, slices: SliceStore, ids: np.ndarray, cluster: Mapping[str, Any],
              seed: int) -> np.ndarray:
-    """bool (N, H, W) masks of the slices ``ids`` clustered with one decoder (its checkpoint's prototypes)."""
+    """bool (N, H, W) masks of the slices ``ids`` clustered with one decoder (its checkpoint's prototypes); with
+    ``cluster["slice_vote"]`` above 0 the slices of ``ids`` vote on their neighbours' masks."""
     decoders = {"d": (decoder, prototypes_of(checkpoint))}
     out = np.zeros((len(ids), slices.image_size, slices.image_size), dtype=bool)
     row = {int(s): r for r, s in enumerate(ids)}
-    for batch_ids, masks in segment_batches(features, decoders, slices, ids, cluster, seed):
+    for batch_ids, masks in segment_slices(features, decoders, slices, ids, cluster, seed):
         out[[row[int(s)] for s in batch_ids]] = masks["d"].astype(bool)
     return out
 

@@ -1,5 +1,6 @@
 """Segmentation (step 9): K-means on the decoder's pixel embeddings, foreground cluster by prototype, then
-the mask's small components dropped as chosen on validation (:mod:`cldf.segment.components`).
+the mask's small components dropped and the neighbouring slices' vote, each as chosen on validation
+(:mod:`cldf.segment.components`, :mod:`cldf.segment.context`).
 
 Clustering runs inside the body by default: with k = 2 over the whole slice, K-means splits body versus
 air (measured by the issue author), which says nothing about the target. The foreground cluster is the
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.components import keep_components
+from cldf.segment.context import vote_slices
 from cldf.segment.features import ComputedFeatures, StoredFeatures
 from cldf.segment.train import check_feature_dim, load_decoder
 from cldf.store import ArrayStoreWriter, SliceStore
@@ -119,6 +121,31 @@ def segment_batches(
             yield batch_ids, out
 
 
+def segment_slices(
+    features: StoredFeatures | ComputedFeatures,
+    decoders: Mapping[str, tuple[PixelDecoder, torch.Tensor]],
+    slices: SliceStore,
+    ids: np.ndarray,
+    settings: Mapping[str, Any],
+    seed: int,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """:func:`segment_batches`, then, when ``settings["slice_vote"]`` (a radius) is above 0, the vote of
+    neighbouring slices (:func:`cldf.segment.context.vote_slices` among the slices of ``ids``): yields
+    ``(ids (B,), {name: uint8 (B, H, W)})`` per batch, or per case when voting."""
+    radius = int(settings.get("slice_vote", 0))
+    if radius == 0:
+        yield from segment_batches(features, decoders, slices, ids, settings, seed)
+        return
+    ids = np.asarray(ids, dtype=np.int64)
+    cases = slices.case_index[ids]
+    for case in dict.fromkeys(cases.tolist()):
+        parts = list(segment_batches(features, decoders, slices, ids[cases == case], settings, seed))
+        got = np.concatenate([batch_ids for batch_ids, _ in parts])
+        yield got, {name: vote_slices(np.concatenate([masks[name] for _, masks in parts]),
+                                      slices.case_index[got], slices.slice_index[got], radius)
+                    for name in decoders}
+
+
 def run_segmentation(
     slices_path: str | os.PathLike,
     features: StoredFeatures | ComputedFeatures,
@@ -133,7 +160,9 @@ def run_segmentation(
     """Write the masks of the slices ``ids`` (one uint8 (N, H, W) array per decoder) to ``out``.
 
     Only the slices of ``ids`` where ``segment`` (bool (N,)) is set are clustered; the others get empty masks
-    (under the labelled protocol, the slices labelled negative). Returns the number of slices clustered.
+    (under the labelled protocol, the slices labelled negative); with ``settings["slice_vote"]`` above 0 the
+    clustered slices of a case vote on each other's masks (:func:`segment_slices`). Returns the number of slices
+    clustered.
     """
     slices = SliceStore(slices_path)
     decoders = {}
@@ -149,7 +178,7 @@ def run_segmentation(
     chosen = ids[np.asarray(segment, dtype=bool)]
     with ArrayStoreWriter(out, len(ids), arrays, attrs) as writer, tqdm(total=len(chosen), desc="segment", unit="slice") as bar:
         writer.write("slice_ids", 0, ids)
-        for batch_ids, masks in segment_batches(features, decoders, slices, chosen, settings, seed):
+        for batch_ids, masks in segment_slices(features, decoders, slices, chosen, settings, seed):
             for name, values in masks.items():
                 for b, sid in enumerate(batch_ids):
                     writer.write(name, row[int(sid)], values[b : b + 1])

@@ -30,6 +30,7 @@ from cldf.io.errors import DataError
 from cldf.maps.cams import positive_probability
 from cldf.models.decoder import PixelDecoder
 from cldf.segment.cluster import segment_batches
+from cldf.segment.context import vote_slices
 from cldf.segment.features import ComputedFeatures, decoder_inputs
 from cldf.segment.train import check_feature_dim
 from cldf.store import SliceStore
@@ -102,7 +103,8 @@ class CaseSegmenter:
 
 def segment_case(m: CaseSegmenter, slices: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Masks uint8 (M, H, W) of the slices ``rows`` of one case, and bool (M,): which were segmented
-    (labelled positive, or unlabelled with a probability at or above the gate); the others are empty."""
+    (labelled positive, or unlabelled with a probability at or above the gate); the others are empty. With
+    ``slice_vote`` (a radius above 0) in the clustering settings, the segmented slices vote on each other's masks."""
     rows = np.asarray(rows, dtype=np.int64)
     labels = np.asarray(slices.labels)[rows]
     probs = ClassifierProbs(m.classifier, slices, m.device, int(m.settings["batch_size"]))
@@ -119,7 +121,12 @@ def segment_case(m: CaseSegmenter, slices: Any, rows: np.ndarray) -> tuple[np.nd
             for batch_ids, masks in segment_batches(m.features(slices, conditioning, probs), decoders, slices, ids,
                                                     m.cluster, m.seed):
                 out[[position[int(i)] for i in batch_ids]] = masks["CLDF"]
-    return out, np.isin(rows, np.concatenate([rows[labels == 1], passed]))
+    segmented = np.isin(rows, np.concatenate([rows[labels == 1], passed]))
+    if int(m.cluster.get("slice_vote", 0)):
+        one_case = np.zeros(int(segmented.sum()), dtype=np.int64)
+        out[segmented] = vote_slices(out[segmented], one_case, np.asarray(slices.slice_index)[rows[segmented]],
+                                     int(m.cluster["slice_vote"]))
+    return out, segmented
 
 
 def write_mask(masks: np.ndarray, slice_index: np.ndarray, meta: Mapping[str, Any], path: str | os.PathLike) -> int:
