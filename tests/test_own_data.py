@@ -7,6 +7,7 @@ Fast tests of the pieces; the whole example of docs/OWN_DATA.md (the README's "Y
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -34,7 +35,8 @@ from cldf.models.builders import build_model
 from cldf.models.decoder import PixelDecoder
 from cldf.plan import Plan
 from cldf.segment.pseudo import (PREDICT_COLUMNS, PSEUDO_COLUMNS, CaseSegmenter, CaseSlices, ClassifierProbs,
-                                 collect_manifest, predict_scans, pseudo_masks, write_mask)
+                                 collect_manifest, predict_scans, pseudo_masks, segment_case, write_mask)
+from cldf.segment.context import vote_slices
 from cldf.store import SliceStore, StoreError, TestTruth, read_ground_truth
 
 from .workflow_utils import REPO, planned_jobs, run_snakemake, tiny_config
@@ -395,6 +397,22 @@ def test_pseudo_masks_and_predictions_of_whole_cases_in_each_scan_s_geometry(tmp
     assert list(predicted.columns) == list(PREDICT_COLUMNS) and predicted.case.tolist() == ["Synth_002"]
     written = nib.load(predicted.path[0])
     assert written.shape == SHAPE and int(np.count_nonzero(np.asarray(written.dataobj))) == predicted.foreground_voxels[0]
+
+
+def test_whole_case_masks_are_voted_over_neighbouring_slices_when_chosen(tmp_path: Path, one_thread) -> None:
+    """With ``slice_vote`` in the clustering, a case's segmented slices (labelled and gated alike) vote on each
+    other's masks; the slices left empty stay empty."""
+    ds = _own(tmp_path)
+    _write_labels(tmp_path, ["Synth_000,3,1", "Synth_000,0,0"])
+    slices = SliceStore(_slice(tmp_path, ds))
+    rows = slices.indices(cases=[0])
+    alone = _segmenter(gate=0.0)
+    masks, segmented = segment_case(alone, slices, rows)
+    voted, again = segment_case(dataclasses.replace(alone, cluster={**alone.cluster, "slice_vote": 1}), slices, rows)
+    expected = masks.copy()
+    expected[segmented] = vote_slices(masks[segmented], np.zeros(int(segmented.sum())), slices.slice_index[rows][segmented], 1)
+    assert np.array_equal(again, segmented) and not segmented.all()
+    assert np.array_equal(voted, expected) and not np.array_equal(voted, masks)
 
 
 # --- the workflow: "Your own data" of the README (docs/OWN_DATA.md) ----------------------------
