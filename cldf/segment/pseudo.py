@@ -122,10 +122,9 @@ def segment_case(m: CaseSegmenter, slices: Any, rows: np.ndarray) -> tuple[np.nd
                                                     m.cluster, m.seed):
                 out[[position[int(i)] for i in batch_ids]] = masks["CLDF"]
     segmented = np.isin(rows, np.concatenate([rows[labels == 1], passed]))
-    if int(m.cluster.get("slice_vote", 0)):
-        one_case = np.zeros(int(segmented.sum()), dtype=np.int64)
-        out[segmented] = vote_slices(out[segmented], one_case, np.asarray(slices.slice_index)[rows[segmented]],
-                                     int(m.cluster["slice_vote"]))
+    one_case = np.zeros(int(segmented.sum()), dtype=np.int64)
+    out[segmented] = vote_slices(out[segmented], one_case, np.asarray(slices.slice_index)[rows[segmented]],
+                                 int(m.cluster.get("slice_vote", 0)))
     return out, segmented
 
 
