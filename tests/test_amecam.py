@@ -184,6 +184,7 @@ def _train(model: amecam.AMECAM, images: torch.Tensor, labels: torch.Tensor) -> 
     return losses
 
 
+@pytest.mark.slow  # 12 s of training: make test-slow (AME-CAM's phases, losses and hooks are tested above)
 def test_learns_the_blob(tmp_path: Path) -> None:
     path = make_slices(tmp_path / "slices", size=SIZE, channels=CHANNELS)
     slices = store.SliceStore(path)
