@@ -153,6 +153,27 @@ def test_select_pixels_leaves_the_unsure_band_out_with_a_looser_background_rule(
         select_pixels(maps, maps, labels, body, "fused", "otsu", background="half")
 
 
+def test_select_pixels_per_case_pools_the_positive_slices_of_a_case():
+    """One quantile over a case's positive slices: a slice through a large target gives more foreground
+    than one through its edge; negative slices and other cases do not move the threshold."""
+    size = 10
+    body = torch.ones(4, size, size, dtype=torch.bool)
+    maps = torch.rand(4, size, size, generator=torch.Generator().manual_seed(0)) * 0.1
+    maps[0][_square(size, 0, 6, 0, 6)] += 0.9  # large target: 36 pixels
+    maps[1][_square(size, 0, 2, 0, 2)] += 0.9  # its edge: 4 pixels
+    maps[2] += 0.95  # a negative slice, brighter than anything
+    maps[3][_square(size, 0, 6, 0, 6)] += 0.9  # another case's slice
+    labels, cases = torch.tensor([1, 1, 0, 1]), np.array([0, 0, 0, 1])
+    q = 1 - 40 / 200  # the top 40 pixels of the two positive slices of case 0
+    fg, _ = select_pixels(maps, maps, labels, body, "fused", "quantile", q, background="otsu", cases=cases)
+    assert fg[0].sum() == 36 and fg[1].sum() == 4 and not fg[2].any()
+    assert fg[3].sum() == 20  # case 1 alone: its own top 20 %
+    per_slice, _ = select_pixels(maps, maps, labels, body, "fused", "quantile", q, background="otsu")
+    assert per_slice[0].sum() == 20 and per_slice[1].sum() == 20
+    with pytest.raises(ValueError, match="one value per slice"):
+        activated(maps, body, "otsu", groups=np.zeros(3))
+
+
 # ---------------------------------------------------------------- decoder and features
 
 
@@ -397,6 +418,31 @@ def test_segmentation_votes_over_neighbouring_slices_when_chosen(toy, tmp_path):
     voted = MapStore(tmp_path / "voted").read("masks", test)
     assert np.array_equal(voted, expected)
     assert not np.array_equal(voted, alone)
+
+
+def test_decoder_selection_per_case_pools_each_training_case(toy, tmp_path):
+    """``scope: case``: the decoder's foreground is what :func:`select_pixels` picks with one quantile per
+    case over the case's positive training slices (here the training slices regrouped into 3 cases)."""
+    n, train = len(toy["labels"]), np.flatnonzero(toy["split"] == "train")
+    case_index = np.arange(n)
+    case_index[train] = train[0] + train % 3  # three training cases, each mixing positive and negative slices
+    write_slice_store(tmp_path / "slices", np.zeros((n, 1, SIZE, SIZE), np.float32), toy["labels"], case_index,
+                      list(toy["split"]), toy["truth"], body=toy["body"],
+                      modalities=["t1"])
+    p = toy["paths"]
+    selection = {**SETTINGS["selection"], "threshold": "quantile", "quantile": 0.8, "background": "otsu"}
+    counts = {}
+    for scope in ("slice", "case"):
+        settings = {**SETTINGS, "selection": {**selection, "scope": scope}, "decoder": {**SETTINGS["decoder"], "epochs": 1}}
+        _, checkpoint = train_decoder(tmp_path / "slices", StoredFeatures(p["features"], SIZE, CPU), p["cam"], p["mg"],
+                                      settings, tmp_path / f"{scope}.pt", 3, 1000)
+        counts[scope] = checkpoint["stats"]["n_foreground_pixels"]
+    maps = [torch.from_numpy(MapStore(p[name]).read("maps", train).astype(np.float32)) for name in ("cam", "mg")]
+    labels, body = torch.from_numpy(toy["labels"][train].astype(np.int64)), torch.from_numpy(toy["body"][train])
+    for scope, cases in (("slice", None), ("case", case_index[train])):
+        fg, _ = select_pixels(*maps, labels, body, "fused", "quantile", 0.8, background="otsu", cases=cases)
+        assert counts[scope] == int(fg.sum()), scope
+    assert counts["case"] != counts["slice"]
 
 
 def test_cluster_slice_degenerate_and_region():

@@ -6,26 +6,33 @@ gradient (``fused``), or in one of them (``cam`` / ``mg``), on positive slices o
 in none of the maps used, inside the body, on positive slices; on negative slices the whole body is
 background. The background's activation rule may be looser than the foreground's (``background:
 otsu`` with a top-quantile foreground): the pixels between the two thresholds, where the maps are
-unsure, are then left out of both sets. Pixels outside the body are never selected: body versus air is
+unsure, are then left out of both sets. The foreground's threshold is per slice, or per case
+(``scope: case``: over the body pixels of all positive slices of the case, so a slice through a large
+tumour gives more foreground than one through its tip). Pixels outside the body are never selected: body versus air is
 trivially separable and segmentation clusters inside the body only, so air pixels would only teach the
 decoder a distinction it is never asked to make. Ambiguous slices (label -1) contribute nothing.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from skimage.filters import threshold_otsu
 
 from cldf.registry import SELECTION_MAPS as MODE_MAPS
+from cldf.store import MapStore, SliceStore
 
 RULES = ("otsu", "quantile")
+SCOPES = ("slice", "case")
 BACKGROUND_RULES = ("foreground", "otsu")
 MODES = tuple(MODE_MAPS)
 
 
-def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quantile: float | None = None) -> torch.Tensor:
-    """Activated pixels of each map, thresholded per slice inside the body.
+def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quantile: float | None = None,
+              groups: np.ndarray | None = None) -> torch.Tensor:
+    """Activated pixels of each map, thresholded per slice (or per group of slices) inside the body.
 
     Parameters
     ----------
@@ -38,11 +45,14 @@ def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quanti
         quantile of the body pixels).
     quantile
         Quantile in (0, 1) for rule ``quantile`` (unused by ``otsu``).
+    groups
+        int (B,): slices of one value share one threshold, computed over all their body pixels; None:
+        each slice its own.
 
     Returns
     -------
-    bool (B, H, W): ``map > threshold`` inside the body. A slice whose map is constant over the body,
-    or whose body is empty, has no activated pixel.
+    bool (B, H, W): ``map > threshold`` inside the body. A group (slice) whose map is constant over the
+    body, or whose body is empty, has no activated pixel.
     """
     if rule not in RULES:
         raise ValueError(f"unknown threshold rule {rule!r}; expected one of {RULES}")
@@ -52,16 +62,20 @@ def activated(maps: torch.Tensor, body: torch.Tensor, rule: str = "otsu", quanti
         raise ValueError(f"maps {tuple(maps.shape)} and body {tuple(body.shape)} differ in shape")
     values = maps.detach().float().cpu().numpy()
     inside = body.detach().cpu().numpy().astype(bool)
+    groups = np.arange(len(values)) if groups is None else np.asarray(groups)
+    if groups.shape != (len(values),):
+        raise ValueError(f"groups {groups.shape} must give one value per slice ({len(values)})")
     out = np.zeros(values.shape, dtype=bool)
-    for b in range(values.shape[0]):
-        pixels = values[b][inside[b]]
+    for group in np.unique(groups):
+        members = groups == group
+        pixels = values[members][inside[members]]
         if pixels.size == 0 or pixels.max() == pixels.min():
             continue
         if rule == "otsu":
             threshold = threshold_otsu(pixels)
         else:
             threshold = np.quantile(pixels, quantile)
-        out[b] = (values[b] > threshold) & inside[b]
+        out[members] = (values[members] > threshold) & inside[members]
     return torch.from_numpy(out).to(maps.device)
 
 
@@ -74,6 +88,7 @@ def select_pixels(
     rule: str = "otsu",
     quantile: float | None = None,
     background: str = "foreground",
+    cases: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground and background training pixels of a batch of slices.
 
@@ -92,6 +107,10 @@ def select_pixels(
     background
         Activation threshold below which a pixel of a positive slice is background: ``foreground`` (the
         same rule) or ``otsu`` (per-slice Otsu, whatever the foreground's rule).
+    cases
+        int (B,) case of each slice: the foreground threshold is then one per case, over the body pixels
+        of the case's positive slices in the batch (pass all of them); None: per slice. The background's
+        ``otsu`` rule stays per slice.
 
     Returns
     -------
@@ -106,8 +125,13 @@ def select_pixels(
         raise ValueError(f"selection mode {mode!r} needs the map(s) it uses; got None")
     if background not in BACKGROUND_RULES:
         raise ValueError(f"unknown background rule {background!r}; expected one of {BACKGROUND_RULES}")
-    acts = [activated(m, body, rule, quantile) for m in used]
-    same = background in ("foreground", rule)  # the background's activations are the foreground's
+    groups = None
+    if cases is not None:  # positive slices pool per case; every other slice stays on its own
+        cases = np.asarray(cases)
+        alone = cases.max(initial=0) + 1 + np.arange(len(cases))
+        groups = np.where(labels.cpu().numpy() == 1, cases, alone)
+    acts = [activated(m, body, rule, quantile, groups) for m in used]
+    same = background == "foreground" or (background == rule and groups is None)  # the same activations
     loose = acts if same else [activated(m, body, background) for m in used]
     in_all = torch.stack(acts).all(dim=0)
     in_any = torch.stack(loose).any(dim=0)
@@ -116,3 +140,12 @@ def select_pixels(
     fg = in_all & positive
     bg = body & ((positive & ~in_any) | negative)
     return fg, bg
+
+
+def case_pool(slices: SliceStore, ids: np.ndarray, stores: Sequence[MapStore | None]) -> np.ndarray:
+    """``ids`` and every positive slice of their cases that each of ``stores`` holds a map of: int64 (M,),
+    sorted; what :func:`select_pixels` needs (with ``cases``) for a per-case foreground threshold."""
+    pool = slices.indices(cases=np.unique(slices.case_index[ids]), labels=[1])
+    for store in stores:
+        pool = pool if store is None else np.intersect1d(pool, store.slice_ids)
+    return np.union1d(ids, pool).astype(np.int64)
