@@ -300,6 +300,16 @@ def cmd_tables(args: argparse.Namespace) -> None:
     sys.stdout.write(tables(args.results, args.ablation))
 
 
+def cmd_readme_tables(args: argparse.Namespace) -> None:
+    from cldf.atomic import write_text
+    from cldf.evaluate.readme import machine, splice
+    from cldf.evaluate.report import tables
+
+    readme = Path(args.readme)
+    write_text(readme, splice(readme.read_text(), args.tag, tables(args.results), args.results, machine()))
+    LOG.info("README block %r now holds the tables of %s", args.tag, args.results)
+
+
 Command = tuple[Callable[[argparse.Namespace], None], list[tuple[tuple[str, ...], dict[str, Any]]]]
 
 
@@ -388,6 +398,11 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "tables": ("print the result tables of results/<dataset> as Markdown", (cmd_tables, [
         (("results",), {"help": "a dataset's results folder, e.g. results/synthetic"}),
         (("--ablation",), {"action": "store_true", "help": "print the lever table (ablation.csv) only"})])),
+    "readme-tables": ("replace a README block by `cldf tables results/<dataset>`, naming this machine", (
+        cmd_readme_tables, [
+            (("results",), {"help": "a dataset's results folder, computed on this machine"}),
+            _option("tag", help="the block's tag: demo, brats18, flare"),
+            (("--readme",), {"default": "README.md"})])),
 }
 
 from cldf.cli_own import COMMANDS as OWN_DATA_COMMANDS  # noqa: E402  users' own data (cldf/cli_own.py)

@@ -251,3 +251,17 @@ def test_same_seed_gives_the_same_table(work: Path) -> None:
                                   "--", *(CAT.path(n, dataset=DS) for n in names)])
     for name in names:
         assert _path(work, name).read_text() == before[name], name
+
+
+def test_readme_tables_splices_what_cldf_tables_prints(work: Path, tmp_path: Path) -> None:
+    from cldf.evaluate.readme import machine, read_block
+
+    results = str(_path(work, "metrics").parent)
+    printed = subprocess.run([sys.executable, "-m", "cldf.cli", "tables", results], capture_output=True, text=True,
+                             check=True).stdout
+    readme = tmp_path / "README.md"
+    shutil.copy(Path(__file__).parents[1] / "README.md", readme)
+    subprocess.run([sys.executable, "-m", "cldf.cli", "readme-tables", results, "--tag", "demo", "--readme",
+                    str(readme)], check=True, capture_output=True)
+    block = read_block(readme.read_text(), "demo")
+    assert (block.body, block.machine, block.results) == (printed.strip(), machine(), results)
