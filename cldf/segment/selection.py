@@ -25,7 +25,6 @@ from cldf.registry import SELECTION_MAPS as MODE_MAPS
 from cldf.store import MapStore, SliceStore
 
 RULES = ("otsu", "quantile")
-SCOPES = ("slice", "case")
 BACKGROUND_RULES = ("foreground", "otsu")
 MODES = tuple(MODE_MAPS)
 
