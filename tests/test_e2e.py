@@ -30,7 +30,7 @@ from cldf.maps.run import map_rows
 from cldf.plan import Plan
 from cldf.store import SPLITS, MapStore, SliceStore
 
-from .workflow_utils import TEST_CONFIG, planned_jobs, planned_wildcards, run_snakemake
+from .workflow_utils import REPO, TEST_CONFIG, planned_jobs, planned_wildcards, run_snakemake
 
 CONFIG = deep_merge(yaml.safe_load(DEFAULT_CONFIG.read_text()), yaml.safe_load(TEST_CONFIG.read_text()))
 CAT = Catalogue(CONFIG["results_dir"])
@@ -260,7 +260,7 @@ def test_readme_tables_splices_what_cldf_tables_prints(work: Path, tmp_path: Pat
     printed = subprocess.run([sys.executable, "-m", "cldf.cli", "tables", results], capture_output=True, text=True,
                              check=True).stdout
     readme = tmp_path / "README.md"
-    shutil.copy(Path(__file__).parents[1] / "README.md", readme)
+    shutil.copy(REPO / "README.md", readme)
     subprocess.run([sys.executable, "-m", "cldf.cli", "readme-tables", results, "--tag", "demo", "--readme",
                     str(readme)], check=True, capture_output=True)
     block = read_block(readme.read_text(), "demo")

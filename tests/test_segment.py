@@ -18,7 +18,7 @@ from cldf.segment.components import keep_components
 from cldf.segment.context import vote_slices
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import StoredFeatures, decoder_inputs, input_channels, iter_feature_batches, upsample_features
-from cldf.segment.selection import activated, select_pixels
+from cldf.segment.selection import activated, select_pixels, select_stored
 from cldf.segment.supcon import supcon_loss
 from cldf.segment.train import load_decoder, train_decoder
 from cldf.store import MapStore, SliceStore, StoreError
@@ -420,15 +420,37 @@ def test_segmentation_votes_over_neighbouring_slices_when_chosen(toy, tmp_path):
     assert not np.array_equal(voted, alone)
 
 
+def _three_training_cases(toy: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The toy's slices with its training slices regrouped into 3 cases, each mixing positive and negative
+    slices, written to ``path``: (case_index (N,), training rows)."""
+    n, train = len(toy["labels"]), np.flatnonzero(toy["split"] == "train")
+    case_index = np.arange(n)
+    case_index[train] = train[0] + train % 3
+    write_slice_store(path, np.zeros((n, 1, SIZE, SIZE), np.float32), toy["labels"], case_index,
+                      list(toy["split"]), toy["truth"], body=toy["body"], modalities=["t1"])
+    return case_index, train
+
+
+def test_select_stored_pools_whole_cases_but_the_slices_done(toy, tmp_path):
+    case_index, train = _three_training_cases(toy, tmp_path / "slices")
+    slices, p = SliceStore(tmp_path / "slices"), toy["paths"]
+    cam, mg = MapStore(p["cam"]), MapStore(p["mg"])
+    settings = {**SETTINGS["selection"], "threshold": "quantile", "quantile": 0.8, "background": "otsu", "scope": "case"}
+    ids = train[[5, 1]]  # cases 2 and 1, unsorted
+    rows, fg, _ = select_stored(slices, cam, mg, ids, settings)
+    pooled = train[np.isin(case_index[train], case_index[ids]) & (toy["labels"][train] == 1)]
+    assert np.array_equal(rows, np.union1d(ids, pooled))
+    done = set(pooled[case_index[pooled] == case_index[ids[1]]].tolist())  # case 1 selected before
+    later, _, _ = select_stored(slices, cam, mg, ids, settings, done)
+    assert not done & set(later.tolist()) and set(ids.tolist()) - done <= set(later.tolist())
+    per_slice, fg_alone, _ = select_stored(slices, cam, mg, ids, {**settings, "scope": "slice"})
+    assert np.array_equal(per_slice, ids) and fg_alone.shape[0] == 2
+
+
 def test_decoder_selection_per_case_pools_each_training_case(toy, tmp_path):
     """``scope: case``: the decoder's foreground is what :func:`select_pixels` picks with one quantile per
     case over the case's positive training slices (here the training slices regrouped into 3 cases)."""
-    n, train = len(toy["labels"]), np.flatnonzero(toy["split"] == "train")
-    case_index = np.arange(n)
-    case_index[train] = train[0] + train % 3  # three training cases, each mixing positive and negative slices
-    write_slice_store(tmp_path / "slices", np.zeros((n, 1, SIZE, SIZE), np.float32), toy["labels"], case_index,
-                      list(toy["split"]), toy["truth"], body=toy["body"],
-                      modalities=["t1"])
+    case_index, train = _three_training_cases(toy, tmp_path / "slices")
     p = toy["paths"]
     selection = {**SETTINGS["selection"], "threshold": "quantile", "quantile": 0.8, "background": "otsu"}
     counts = {}

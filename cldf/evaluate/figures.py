@@ -188,24 +188,16 @@ def paper_figure(
 ) -> None:
     """The paper's Fig. 3 layout: image, truth, CAM, MG, CLDF's fused pixel selection (with the settings
     chosen on validation), CLDF's masks and the best thresholded baseline (labelled protocol)."""
-    import torch
-
-    from cldf.segment.selection import case_pool, select_pixels
+    from cldf.segment.selection import select_stored
 
     slices = SliceStore(slices_path)
     cam, mg = MapStore(cam_path), MapStore(mg_path)
 
     def fused_selection(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        per_case = selection.get("scope", "slice") == "case"
-        rows = case_pool(slices, ids, (cam, mg)) if per_case else ids
-        fg, bg = select_pixels(
-            torch.from_numpy(cam.read("maps", rows).astype(np.float32)),
-            torch.from_numpy(mg.read("maps", rows).astype(np.float32)),
-            torch.from_numpy(slices.labels[rows].astype(np.int64)), torch.from_numpy(slices.body(rows)),
-            "fused", selection["threshold"], tuned.get("quantile"), selection.get("background", "foreground"),
-            cases=slices.case_index[rows] if per_case else None,
-        )
-        at = np.searchsorted(rows, ids) if per_case else np.arange(len(ids))
+        settings = {**selection, "mode": "fused", "quantile": tuned.get("quantile")}
+        rows, fg, bg = select_stored(slices, cam, mg, ids, settings)
+        position = {int(row): k for k, row in enumerate(rows)}  # a case pool's rows are sorted, ids need not be
+        at = [position[int(i)] for i in ids]
         return fg.numpy()[at], bg.numpy()[at]
 
     table = pd.read_csv(metrics_csv)

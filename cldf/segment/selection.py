@@ -15,7 +15,7 @@ decoder a distinction it is never asked to make. Ambiguous slices (label -1) con
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Container, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -148,3 +148,28 @@ def case_pool(slices: SliceStore, ids: np.ndarray, stores: Sequence[MapStore | N
     for store in stores:
         pool = pool if store is None else np.intersect1d(pool, store.slice_ids)
     return np.union1d(ids, pool).astype(np.int64)
+
+
+def select_stored(slices: SliceStore, cam: MapStore | None, mg: MapStore | None, ids: np.ndarray,
+                  settings: Mapping[str, Any], done: Container[int] = ()) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """:func:`select_pixels` on the stored maps of slices ``ids`` under CLDF's selection ``settings``
+    (``mode``, ``threshold``, ``quantile``, ``background``, ``scope``).
+
+    Returns ``(rows int64 (M,), fg (M, H, W), bg (M, H, W))``. ``rows`` are ``ids``; under ``scope: case``
+    they also hold the positive slices of the same cases (:func:`case_pool`) but those in ``done``:
+    slices selected before, with the whole pool of their case.
+    """
+    per_case = settings.get("scope", "slice") == "case"
+    rows = np.asarray(ids, dtype=np.int64)
+    if per_case:
+        rows = np.asarray([i for i in case_pool(slices, rows, (cam, mg)) if int(i) not in done], dtype=np.int64)
+
+    def read(store: MapStore | None) -> torch.Tensor | None:
+        return None if store is None else torch.from_numpy(store.read("maps", rows).astype(np.float32))
+
+    fg, bg = select_pixels(
+        read(cam), read(mg), torch.from_numpy(slices.labels[rows].astype(np.int64)), torch.from_numpy(slices.body(rows)),
+        mode=settings["mode"], rule=settings["threshold"], quantile=settings.get("quantile"),
+        background=settings.get("background", "foreground"), cases=slices.case_index[rows] if per_case else None,
+    )
+    return rows, fg, bg

@@ -20,20 +20,13 @@ from cldf.errors import PipelineError
 from cldf.models.checkpoint import CheckpointError, load_checkpoint, model_from_payload, save_checkpoint
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import StoredFeatures, input_channels
-from cldf.segment.selection import MODE_MAPS, case_pool, select_pixels
+from cldf.segment.selection import MODE_MAPS, select_stored
 from cldf.segment.supcon import supcon_loss
 from cldf.data.splits import training_rows
 from cldf.store import MapStore, SliceStore
 
 CHECKPOINT_KIND = "pixel_decoder"
 _INIT_LOCK = threading.Lock()
-
-
-def _read_map(store: MapStore | None, ids: np.ndarray) -> torch.Tensor | None:
-    """float32 (B, H, W) maps of the given global slice ids, or None without a store."""
-    if store is None:
-        return None
-    return torch.from_numpy(store.read("maps", ids).astype(np.float32))
 
 
 @dataclass
@@ -57,17 +50,7 @@ class _Source:
         missing = np.asarray([i for i in ids if int(i) not in self._selected], dtype=np.int64)
         if len(missing) == 0:
             return
-        per_case = self.selection.get("scope", "slice") == "case"
-        if per_case:  # each case at once: its foreground threshold pools its positive slices with maps
-            pool = case_pool(self.slices, missing, (self.cam, self.mg))
-            missing = np.asarray([i for i in pool if int(i) not in self._selected], dtype=np.int64)
-        labels = torch.from_numpy(self.slices.labels[missing].astype(np.int64))
-        fg, bg = select_pixels(
-            _read_map(self.cam, missing), _read_map(self.mg, missing), labels, torch.from_numpy(self.slices.body(missing)),
-            mode=self.selection["mode"], rule=self.selection["threshold"], quantile=self.selection.get("quantile"),
-            background=self.selection.get("background", "foreground"),
-            cases=self.slices.case_index[missing] if per_case else None,
-        )
+        missing, fg, bg = select_stored(self.slices, self.cam, self.mg, missing, self.selection, self._selected)
         for k, sid in enumerate(missing):
             self._selected[int(sid)] = (fg[k], bg[k])
 
