@@ -18,7 +18,7 @@ from cldf.segment.components import keep_components
 from cldf.segment.context import vote_slices
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import StoredFeatures, decoder_inputs, input_channels, iter_feature_batches, upsample_features
-from cldf.segment.selection import activated, select_pixels, select_stored
+from cldf.segment.selection import activated, anchor_weights, select_pixels, select_stored
 from cldf.segment.supcon import supcon_loss
 from cldf.segment.train import load_decoder, train_decoder
 from cldf.store import MapStore, SliceStore, StoreError
@@ -63,6 +63,26 @@ def test_supcon_chunked_gradients_match_brute_force(monkeypatch, keep_bytes):
     b = raw.clone().requires_grad_(True)
     brute_force_supcon(torch.nn.functional.normalize(b, dim=1), y, 0.2).backward()
     assert torch.allclose(a.grad, b.grad)
+
+
+def test_supcon_anchor_weights_scale_each_anchor_term():
+    """Weighted: ``sum w_i L_i / sum w_i`` (``sum w_i L_i`` under ``sum``), every sample still a positive and in
+    the denominators; the ``L_i`` from the brute-force loop over one anchor at a time."""
+    gen = torch.Generator().manual_seed(3)
+    emb = torch.nn.functional.normalize(torch.randn(8, 4, generator=gen, dtype=torch.float64), dim=1)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2])  # the class-2 sample is not an anchor: its weight is ignored
+    w = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.25, 1.0, 0.0, 9.0], dtype=torch.float64)
+    per_anchor = torch.stack([supcon_loss(emb, y, 0.2, "sum", torch.eye(8, dtype=torch.float64)[i]) for i in range(7)])
+    expected = (w[:7] * per_anchor).sum()
+    assert torch.allclose(supcon_loss(emb, y, 0.2, "sum", w), expected)
+    assert torch.allclose(supcon_loss(emb, y, 0.2, "mean", w), expected / w[:7].sum())
+    assert torch.allclose(per_anchor.mean(), brute_force_supcon(emb, y, 0.2))
+    assert torch.allclose(supcon_loss(emb, y, 0.2, "mean", torch.full((8,), 3.0, dtype=torch.float64)),
+                          supcon_loss(emb, y, 0.2))
+    with pytest.raises(ValueError, match="non-negative"):
+        supcon_loss(emb, y, 0.2, "mean", -w)
+    with pytest.raises(ValueError, match="sum to 0"):
+        supcon_loss(emb, y, 0.2, "mean", torch.zeros(8, dtype=torch.float64))
 
 
 def test_supcon_properties():
@@ -437,13 +457,13 @@ def test_select_stored_pools_whole_cases_but_the_slices_done(toy, tmp_path):
     cam, mg = MapStore(p["cam"]), MapStore(p["mg"])
     settings = {**SETTINGS["selection"], "threshold": "quantile", "quantile": 0.8, "background": "otsu", "scope": "case"}
     ids = train[[5, 1]]  # cases 2 and 1, unsorted
-    rows, fg, _ = select_stored(slices, cam, mg, ids, settings)
+    rows, fg, _, _ = select_stored(slices, cam, mg, ids, settings)
     pooled = train[np.isin(case_index[train], case_index[ids]) & (toy["labels"][train] == 1)]
     assert np.array_equal(rows, np.union1d(ids, pooled))
     done = set(pooled[case_index[pooled] == case_index[ids[1]]].tolist())  # case 1 selected before
-    later, _, _ = select_stored(slices, cam, mg, ids, settings, done)
+    later, _, _, _ = select_stored(slices, cam, mg, ids, settings, done)
     assert not done & set(later.tolist()) and set(ids.tolist()) - done <= set(later.tolist())
-    per_slice, fg_alone, _ = select_stored(slices, cam, mg, ids, {**settings, "scope": "slice"})
+    per_slice, fg_alone, _, _ = select_stored(slices, cam, mg, ids, {**settings, "scope": "slice"})
     assert np.array_equal(per_slice, ids) and fg_alone.shape[0] == 2
 
 
@@ -465,6 +485,35 @@ def test_decoder_selection_per_case_pools_each_training_case(toy, tmp_path):
         fg, _ = select_pixels(*maps, labels, body, "fused", "quantile", 0.8, background="otsu", cases=cases)
         assert counts[scope] == int(fg.sum()), scope
     assert counts["case"] != counts["slice"]
+
+
+def test_anchor_weights_are_the_maps_confidence():
+    cam = torch.tensor([[[0.9, 0.6], [0.2, 0.1]], [[0.9, 0.6], [0.2, 0.1]]])
+    mg = torch.tensor([[[0.7, 0.8], [0.4, 0.0]], [[0.7, 0.8], [0.4, 0.0]]])
+    labels = torch.tensor([1, 0])
+    fg = torch.tensor([[[True, True], [False, False]], [[False, False], [False, False]]])
+    bg = torch.tensor([[[False, False], [False, True]], [[True, True], [True, True]]])
+    w = anchor_weights(cam, mg, labels, fg, bg, "fused")
+    expected = torch.tensor([[[0.7, 0.6], [0.0, 0.9]], [[1.0, 1.0], [1.0, 1.0]]])  # min on fg, 1 - max on bg
+    assert torch.allclose(w, expected)
+    assert torch.allclose(anchor_weights(cam, None, labels, fg, bg, "cam")[0], torch.tensor([[0.9, 0.6], [0.0, 0.9]]))
+
+
+def test_decoder_anchor_weights_reach_the_loss(toy, tmp_path):
+    """``weight: confidence`` trains another decoder than unweighted anchors from the same seed and pixels
+    (the selection itself, hence the prototypes' pixel counts, is unchanged)."""
+    p = toy["paths"]
+    checkpoints = {}
+    for weight in ("none", "confidence"):
+        settings = {**SETTINGS, "selection": {**SETTINGS["selection"], "weight": weight},
+                    "decoder": {**SETTINGS["decoder"], "epochs": 1}}
+        _, checkpoints[weight] = train_decoder(p["slices"], StoredFeatures(p["features"], SIZE, CPU), p["cam"], p["mg"],
+                                               settings, None, 3, 1000)
+    stats = [checkpoints[w]["stats"] for w in ("none", "confidence")]
+    assert stats[0]["n_foreground_pixels"] == stats[1]["n_foreground_pixels"] > 0
+    assert stats[0]["loss"] != stats[1]["loss"]
+    assert not all(torch.equal(a, b) for a, b in zip(checkpoints["none"]["state_dict"].values(),
+                                                      checkpoints["confidence"]["state_dict"].values()))
 
 
 def test_cluster_slice_degenerate_and_region():

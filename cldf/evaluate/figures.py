@@ -194,8 +194,8 @@ def paper_figure(
     cam, mg = MapStore(cam_path), MapStore(mg_path)
 
     def fused_selection(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        settings = {**selection, "mode": "fused", "quantile": tuned.get("quantile")}
-        rows, fg, bg = select_stored(slices, cam, mg, ids, settings)
+        settings = {**selection, "mode": "fused", "quantile": tuned.get("quantile"), "weight": "none"}
+        rows, fg, bg, _ = select_stored(slices, cam, mg, ids, settings)
         position = {int(row): k for k, row in enumerate(rows)}  # a case pool's rows are sorted, ids need not be
         at = [position[int(i)] for i in ids]
         return fg.numpy()[at], bg.numpy()[at]

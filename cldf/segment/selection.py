@@ -11,6 +11,9 @@ unsure, are then left out of both sets. The foreground's threshold is per slice,
 tumour gives more foreground than one through its tip). Pixels outside the body are never selected: body versus air is
 trivially separable and segmentation clusters inside the body only, so air pixels would only teach the
 decoder a distinction it is never asked to make. Ambiguous slices (label -1) contribute nothing.
+
+With ``weight: confidence`` each selected pixel also gets an anchor weight for the contrastive loss
+(:func:`anchor_weights`): how sure the maps it was selected by are of it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from cldf.store import MapStore, SliceStore
 
 RULES = ("otsu", "quantile")
 BACKGROUND_RULES = ("foreground", "otsu")
+WEIGHTS = ("none", "confidence")
 MODES = tuple(MODE_MAPS)
 
 
@@ -141,6 +145,33 @@ def select_pixels(
     return fg, bg
 
 
+def anchor_weights(cam: torch.Tensor | None, mg: torch.Tensor | None, labels: torch.Tensor, fg: torch.Tensor,
+                   bg: torch.Tensor, mode: str = "fused") -> torch.Tensor:
+    """Confidence of the maps in each selected pixel, the weight of that pixel as an anchor.
+
+    Parameters
+    ----------
+    cam, mg
+        float (B, H, W) maps in [0, 1]; the one ``mode`` does not use may be None.
+    labels
+        int (B,) slice labels.
+    fg, bg
+        bool (B, H, W) selected pixels (:func:`select_pixels`).
+    mode
+        The selection mode: which maps are asked.
+
+    Returns
+    -------
+    float32 (B, H, W): on foreground pixels the lowest value of the used maps (high only where every map
+    is), on background pixels of positive slices one minus the highest (low only where some map is), 1 on
+    the background of negative slices (the slice label is sure of it), 0 on pixels not selected.
+    """
+    used = torch.stack([{"cam": cam, "mg": mg}[name].float() for name in MODE_MAPS[mode]]).clamp(0.0, 1.0)
+    negative = (labels == 0).view(-1, 1, 1).to(fg.device)
+    background = torch.where(negative, torch.ones_like(used[0]), 1.0 - used.amax(dim=0))
+    return torch.where(fg, used.amin(dim=0), torch.where(bg, background, torch.zeros_like(used[0])))
+
+
 def case_pool(slices: SliceStore, ids: np.ndarray, stores: Sequence[MapStore | None]) -> np.ndarray:
     """``ids`` and every positive slice of their cases that each of ``stores`` holds a map of: int64 (M,),
     sorted; what :func:`select_pixels` needs (with ``cases``) for a per-case foreground threshold."""
@@ -151,11 +182,13 @@ def case_pool(slices: SliceStore, ids: np.ndarray, stores: Sequence[MapStore | N
 
 
 def select_stored(slices: SliceStore, cam: MapStore | None, mg: MapStore | None, ids: np.ndarray,
-                  settings: Mapping[str, Any], done: Container[int] = ()) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+                  settings: Mapping[str, Any], done: Container[int] = ()
+                  ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`select_pixels` on the stored maps of slices ``ids`` under CLDF's selection ``settings``
-    (``mode``, ``threshold``, ``quantile``, ``background``, ``scope``).
+    (``mode``, ``threshold``, ``quantile``, ``background``, ``scope``, ``weight``).
 
-    Returns ``(rows int64 (M,), fg (M, H, W), bg (M, H, W))``. ``rows`` are ``ids``; under ``scope: case``
+    Returns ``(rows int64 (M,), fg (M, H, W), bg (M, H, W), weights)``; ``weights`` are the anchor weights
+    float32 (M, H, W) of :func:`anchor_weights` under ``weight: confidence``, else None. ``rows`` are ``ids``; under ``scope: case``
     they also hold the positive slices of the same cases (:func:`case_pool`) but those in ``done``:
     slices selected before, with the whole pool of their case.
     """
@@ -167,9 +200,15 @@ def select_stored(slices: SliceStore, cam: MapStore | None, mg: MapStore | None,
     def read(store: MapStore | None) -> torch.Tensor | None:
         return None if store is None else torch.from_numpy(store.read("maps", rows).astype(np.float32))
 
+    weight = settings.get("weight", "none")
+    if weight not in WEIGHTS:
+        raise ValueError(f"unknown anchor weight {weight!r}; expected one of {WEIGHTS}")
+    cam_maps, mg_maps = read(cam), read(mg)
+    labels = torch.from_numpy(slices.labels[rows].astype(np.int64))
     fg, bg = select_pixels(
-        read(cam), read(mg), torch.from_numpy(slices.labels[rows].astype(np.int64)), torch.from_numpy(slices.body(rows)),
+        cam_maps, mg_maps, labels, torch.from_numpy(slices.body(rows)),
         mode=settings["mode"], rule=settings["threshold"], quantile=settings.get("quantile"),
         background=settings.get("background", "foreground"), cases=slices.case_index[rows] if per_case else None,
     )
-    return rows, fg, bg
+    weights = anchor_weights(cam_maps, mg_maps, labels, fg, bg, settings["mode"]) if weight == "confidence" else None
+    return rows, fg, bg, weights

@@ -66,13 +66,16 @@ class _LogDenominator(torch.autograd.Function):
 REDUCTIONS = ("mean", "sum")
 
 
-def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1, reduction: str = "mean") -> torch.Tensor:
+def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1, reduction: str = "mean",
+                weights: torch.Tensor | None = None) -> torch.Tensor:
     """Supervised contrastive loss of a set of embeddings.
 
     For each anchor i with at least one positive (another sample of the same label),
     ``L_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t) )``;
     the loss is the mean (``reduction="mean"``) or, as in the paper's equation 1, the sum (``"sum"``) of
-    ``L_i`` over those anchors (anchors without a positive are excluded).
+    ``L_i`` over those anchors (anchors without a positive are excluded). With ``weights`` ``w_i``, the sum is
+    ``sum_i w_i L_i`` and the mean ``sum_i w_i L_i / sum_i w_i``: an anchor counts by its weight, while every
+    sample still serves as a positive and in the denominators unweighted.
 
     The positive term is linear in the similarities, so it is computed from per-class embedding sums in
     O(P·E); only the log-denominator needs the (P × P) similarities, computed chunk by chunk
@@ -89,10 +92,13 @@ def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1, re
         Softmax temperature t > 0.
     reduction
         ``mean`` or ``sum`` over the anchors.
+    weights
+        float (P,) non-negative anchor weights, or None (every anchor 1).
 
     Returns
     -------
-    Scalar tensor. Raises ValueError if no anchor has a positive.
+    Scalar tensor. Raises ValueError if no anchor has a positive, or if the anchors' weights sum to 0
+    under ``mean``.
     """
     if emb.ndim != 2 or y.shape != (emb.shape[0],):
         raise ValueError(f"expected emb (P, E) and y (P,), got {tuple(emb.shape)} and {tuple(y.shape)}")
@@ -100,6 +106,8 @@ def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1, re
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if weights is not None and (weights.shape != y.shape or bool((weights < 0).any())):
+        raise ValueError(f"weights must be (P,) = {tuple(y.shape)} and non-negative, got {tuple(weights.shape)}")
     _, cls, counts = torch.unique(y, return_inverse=True, return_counts=True)
     n_pos = counts[cls] - 1  # (P,)
     is_anchor = n_pos > 0
@@ -109,5 +117,13 @@ def supcon_loss(emb: torch.Tensor, y: torch.Tensor, temperature: float = 0.1, re
     class_sums = emb.new_zeros(len(counts), emb.shape[1]).index_add(0, cls, emb)  # (K, E)
     pos_sum = ((emb * class_sums[cls]).sum(1) - (emb * emb).sum(1)) / temperature  # (P,)
     per_anchor = _LogDenominator.apply(emb, float(temperature)) - pos_sum / n_pos.clamp(min=1)
-    total = per_anchor[is_anchor].sum()
-    return total if reduction == "sum" else total / n_anchors
+    if weights is None:
+        total = per_anchor[is_anchor].sum()
+        return total if reduction == "sum" else total / n_anchors
+    w = weights.to(per_anchor)[is_anchor]
+    total = (w * per_anchor[is_anchor]).sum()
+    if reduction == "sum":
+        return total
+    if float(w.sum()) <= 0:
+        raise ValueError("supcon_loss: the anchors' weights sum to 0")
+    return total / w.sum()

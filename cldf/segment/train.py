@@ -44,25 +44,28 @@ class _Source:
     selection: Mapping[str, Any]
     batch_size: int
     device: torch.device
-    _selected: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _selected: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def _select(self, ids: np.ndarray) -> None:
         missing = np.asarray([i for i in ids if int(i) not in self._selected], dtype=np.int64)
         if len(missing) == 0:
             return
-        missing, fg, bg = select_stored(self.slices, self.cam, self.mg, missing, self.selection, self._selected)
+        missing, fg, bg, weights = select_stored(self.slices, self.cam, self.mg, missing, self.selection, self._selected)
         for k, sid in enumerate(missing):
-            self._selected[int(sid)] = (fg[k], bg[k])
+            self._selected[int(sid)] = (fg[k], bg[k], None if weights is None else weights[k].half())
 
-    def batches(self, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Yield ``(features (B, D, H, W) on device, labels long (B,), fg (B, H, W) bool, bg (B, H, W) bool)``
-        for consecutive batches of ``ids``; labels and masks stay on the CPU."""
+    def batches(self, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor | None]]:
+        """Yield ``(features (B, D, H, W) on device, labels long (B,), fg (B, H, W) bool, bg (B, H, W) bool,
+        anchor weights float (B, H, W) or None)`` for consecutive batches of ``ids`` (weights under the selection's
+        ``weight: confidence``, kept in float16); labels, masks and weights stay on the CPU."""
         for batch_ids, feats in self.features.batches(ids, self.batch_size):
             self._select(batch_ids)
             labels = torch.from_numpy(self.slices.labels[batch_ids].astype(np.int64))
-            fg = torch.stack([self._selected[int(s)][0] for s in batch_ids])
-            bg = torch.stack([self._selected[int(s)][1] for s in batch_ids])
-            yield feats, labels, fg, bg
+            kept = [self._selected[int(s)] for s in batch_ids]
+            fg, bg = torch.stack([k[0] for k in kept]), torch.stack([k[1] for k in kept])
+            weights = None if kept[0][2] is None else torch.stack([k[2] for k in kept]).float()
+            yield feats, labels, fg, bg, weights
 
 
 def _sample_pixels(mask: torch.Tensor, max_n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -99,14 +102,14 @@ def _train_epoch(
     """One pass over the slices ``order``: (mean loss or None, skipped batches, optimiser steps).
 
     Per batch: at most ``max_foreground`` / ``max_background`` selected pixels are sampled and one step is
-    taken on their supervised contrastive loss (foreground 1, background 0); a batch lacking either is
-    skipped.
+    taken on their supervised contrastive loss (foreground 1, background 0; each anchor weighted by the
+    selection's weights when it has them); a batch lacking either is skipped.
     """
     losses: list[float] = []
     skipped = 0
     sel = source.selection
     bar = tqdm(source.batches(order), total=-(-len(order) // source.batch_size), desc=desc, unit="batch")
-    for feats, _, fg, bg in bar:
+    for feats, _, fg, bg, weights in bar:
         fg_index = _sample_pixels(fg, int(sel["max_foreground"]), generator)
         bg_index = _sample_pixels(bg, int(sel["max_background"]), generator)
         n_fg, n_bg = len(fg_index[0]), len(bg_index[0])
@@ -115,7 +118,8 @@ def _train_epoch(
             continue
         x = torch.cat([_pixel_features(feats, fg_index), _pixel_features(feats, bg_index)])
         y = torch.cat([torch.ones(n_fg, dtype=torch.long), torch.zeros(n_bg, dtype=torch.long)]).to(source.device)
-        loss = supcon_loss(decoder(x), y, float(loss_settings["temperature"]), loss_settings.get("loss", "mean"))
+        w = None if weights is None else torch.cat([weights[fg_index], weights[bg_index]]).to(source.device)
+        loss = supcon_loss(decoder(x), y, float(loss_settings["temperature"]), loss_settings.get("loss", "mean"), w)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,7 +134,7 @@ def _prototypes(decoder: PixelDecoder, source: _Source, ids: np.ndarray) -> tupl
     counts (``foreground``, ``background``, ``positive_slices_without_foreground``)."""
     sums = {name: torch.zeros(decoder.out_dim, dtype=torch.float64) for name in ("foreground", "background")}
     counts = {"foreground": 0, "background": 0, "positive_slices_without_foreground": 0}
-    for feats, labels, fg, bg in source.batches(ids):
+    for feats, labels, fg, bg, _ in source.batches(ids):
         emb = embed_slices(decoder, feats).permute(0, 2, 3, 1).cpu()  # (B, H, W, E)
         for name, mask in (("foreground", fg), ("background", bg)):
             sums[name] += emb[mask].double().sum(dim=0)
@@ -164,7 +168,7 @@ def train_decoder(
     cam_path, mg_path
         CAM and mean-gradient map stores; the one the selection mode does not use may be None.
     settings
-        ``{"selection": {mode, threshold, quantile, background, max_background, max_foreground},
+        ``{"selection": {mode, threshold, quantile, background, scope, weight, max_background, max_foreground},
         "decoder": {widths, temperature, optimizer, lr, loss, epochs, batch_size, [feature_layers]}}``
         (the layers it reads, :func:`cldf.segment.features.input_channels`; all when absent).
     out
