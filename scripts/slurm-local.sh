@@ -37,7 +37,8 @@ $DIR (set SLURM_LOCAL_DIR to use another folder).
            $ETC_CONF exists): inside a job, snakemake's jobstep runs srun without SLURM_CONF.
   stop     cancel the cluster's jobs, stop every daemon it started, remove the link and $DIR.
            Stopping a cluster that is not running does nothing.
-  status   sinfo and squeue of the cluster (exit 1 when it is not up).
+  status   sinfo and squeue of the cluster (exit 1 when it is not up; says so when a start was
+           never stopped and $ETC_CONF still links to the cluster that is gone).
   env      the shell lines that point SLURM's commands at this cluster:
                eval "\$(scripts/slurm-local.sh env)"
            (SLURM_CONF; SLURM_LOCAL_PARTITION and SLURM_LOCAL_ACCOUNT for --default-resources).
@@ -103,8 +104,15 @@ wait_for() {  # wait_for DESCRIPTION COMMAND...: retry COMMAND (10 s each try) f
 }
 
 # --- stop ----------------------------------------------------------------------------------------
+unlink_etc_conf() {  # the link start made, even when $DIR is gone (a dangling link)
+    if [[ -L $ETC_CONF && $(readlink "$ETC_CONF") == "$DIR/etc/slurm.conf" ]]; then
+        rm -f "$ETC_CONF"
+    fi
+}
+
 stop() {
     if [[ ! -d $DIR ]]; then
+        unlink_etc_conf
         say "not running (no $DIR)"
         return 0
     fi
@@ -119,9 +127,7 @@ stop() {
     fi
     local d
     for d in "${DAEMONS[@]}"; do stop_daemon "$d"; done
-    if [[ -L $ETC_CONF && $(readlink "$ETC_CONF") == "$DIR/etc/slurm.conf" ]]; then
-        rm -f "$ETC_CONF"
-    fi
+    unlink_etc_conf
     rm -rf "$DIR"
     say "stopped; removed $DIR"
 }
@@ -301,6 +307,11 @@ status() {
     if [[ -e $DIR/$MARKER ]] && cluster_up; then
         sinfo
         squeue
+    elif [[ -L $ETC_CONF && $(readlink "$ETC_CONF") == "$DIR/etc/slurm.conf" ]]; then
+        say "not running, but $ETC_CONF still links to it (a start whose stop never came): every SLURM" \
+            "command, scontrol at each snakemake start included, waits for a controller that is gone;" \
+            "'$0 stop' removes the link and $DIR"
+        return 1
     else
         say "not running"
         return 1
