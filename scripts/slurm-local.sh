@@ -104,8 +104,12 @@ wait_for() {  # wait_for DESCRIPTION COMMAND...: retry COMMAND (10 s each try) f
 }
 
 # --- stop ----------------------------------------------------------------------------------------
-unlink_etc_conf() {  # the link start made, even when $DIR is gone (a dangling link)
-    if [[ -L $ETC_CONF && $(readlink "$ETC_CONF") == "$DIR/etc/slurm.conf" ]]; then
+etc_conf_is_ours() {  # $ETC_CONF is the link start made (maybe dangling: $DIR gone)
+    [[ -L $ETC_CONF && $(readlink "$ETC_CONF") == "$DIR/etc/slurm.conf" ]]
+}
+
+unlink_etc_conf() {
+    if etc_conf_is_ours; then
         rm -f "$ETC_CONF"
     fi
 }
@@ -307,7 +311,7 @@ status() {
     if [[ -e $DIR/$MARKER ]] && cluster_up; then
         sinfo
         squeue
-    elif [[ -L $ETC_CONF && $(readlink "$ETC_CONF") == "$DIR/etc/slurm.conf" ]]; then
+    elif etc_conf_is_ours; then
         say "not running, but $ETC_CONF still links to it (a start whose stop never came): every SLURM" \
             "command, scontrol at each snakemake start included, waits for a controller that is gone;" \
             "'$0 stop' removes the link and $DIR"
