@@ -13,7 +13,7 @@ from scipy.ndimage import gaussian_filter
 from skimage.filters import threshold_otsu
 
 import cldf.segment.supcon as supcon_module
-from cldf.segment.cluster import cluster_slice, run_segmentation
+from cldf.segment.cluster import cluster_slices, prototypes_of, run_segmentation
 from cldf.segment.components import keep_components
 from cldf.segment.context import vote_slices
 from cldf.models.decoder import PixelDecoder, embed_slices
@@ -440,6 +440,29 @@ def test_segmentation_votes_over_neighbouring_slices_when_chosen(toy, tmp_path):
     assert not np.array_equal(voted, alone)
 
 
+def test_segmentation_per_case_runs_one_kmeans_over_the_case(toy, tmp_path):
+    """``scope: case``: the test slices regrouped into one case get the masks of one K-means over all their
+    body pixels (computed here from the decoder's embeddings), not those of one K-means per slice."""
+    n, test = len(toy["labels"]), np.flatnonzero(toy["split"] == "test")
+    case_index = np.arange(n)
+    case_index[test] = test[0]
+    write_slice_store(tmp_path / "slices", np.zeros((n, 1, SIZE, SIZE), np.float32), toy["labels"], case_index,
+                      list(toy["split"]), toy["truth"], body=toy["body"], modalities=["t1"])
+    features = StoredFeatures(toy["paths"]["features"], SIZE, CPU)
+    segmented = toy["labels"][test] != 0
+    run_segmentation(tmp_path / "slices", features, {"masks": toy["decoder"]}, {**CLUSTER, "scope": "case"}, test,
+                     segmented, tmp_path / "pooled", CPU, seed=3)
+    decoder, checkpoint = load_decoder(toy["decoder"], CPU)
+    ids = test[segmented]
+    with torch.no_grad():
+        emb = torch.cat([embed_slices(decoder, feats) for _, feats in features.batches(ids, 4)])
+    expected = np.zeros((len(test), SIZE, SIZE), dtype=np.uint8)
+    expected[segmented] = cluster_slices(emb, toy["body"][ids], CLUSTER["k"], prototypes_of(checkpoint), 3)
+    pooled = MapStore(tmp_path / "pooled").read("masks", test)
+    assert np.array_equal(pooled, expected)
+    assert not np.array_equal(pooled, MapStore(toy["masks"]).read("masks", test))
+
+
 def _three_training_cases(toy: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The toy's slices with its training slices regrouped into 3 cases, each mixing positive and negative
     slices, written to ``path``: (case_index (N,), training rows)."""
@@ -524,12 +547,29 @@ def test_cluster_slice_degenerate_and_region():
     body = torch.zeros(6, 6, dtype=torch.bool)
     body[0, 0] = True
     prototypes = (torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]))  # foreground, background
-    assert not cluster_slice(emb, body, 2, prototypes, 0).any()  # fewer pixels than k
+    assert not cluster_slices(emb[None], body[None], 2, prototypes, 0).any()  # fewer pixels than k
     body[:4, :4] = True
-    mask = cluster_slice(emb, body, 2, prototypes, 0)
-    expected = np.zeros((6, 6), dtype=bool)
-    expected[1:3, 1:3] = True
+    mask = cluster_slices(emb[None], body[None], 2, prototypes, 0)
+    expected = np.zeros((1, 6, 6), dtype=bool)
+    expected[0, 1:3, 1:3] = True
     assert np.array_equal(mask, expected)
+
+
+def test_cluster_slices_pooled_leaves_a_slice_without_target_empty():
+    """Alone, K-means must cut a slice without the target into k clusters, one of which is taken; pooled
+    with a slice that holds the target, the same slice's pixels share the background's cluster."""
+    emb = torch.zeros(2, 2, 4, 4)
+    emb[0, 1, :2] = 1.0  # slice 0: top half the target (0, 1), bottom half background (1, 0)
+    emb[0, 0, 2:] = 1.0
+    emb[1, 0] = 1.0  # slice 1: background only, two shades of it
+    emb[1, 1, :, :2], emb[1, 1, :, 2:] = 0.1, -0.1
+    body = torch.ones(2, 4, 4, dtype=torch.bool)
+    prototypes = (torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]))
+    alone = np.concatenate([cluster_slices(emb[s : s + 1], body[s : s + 1], 2, prototypes, 0) for s in range(2)])
+    pooled = cluster_slices(emb, body, 2, prototypes, 0)
+    assert np.array_equal(pooled[0], alone[0]) and alone[0][:2].all() and not alone[0][2:].any()
+    assert alone[1][:, :2].all() and not alone[1][:, 2:].any()  # the shade nearer the target taken
+    assert not pooled[1].any()
 
 
 def test_segment_code_never_reads_ground_truth():

@@ -2,7 +2,8 @@
 
 Each lever is a set of overrides of CLDF's settings as chosen on validation (the decoder, the pixel
 selection, the clustering, the features the decoder sees): ``{"decoder": {"with_image": true}}``,
-``{"features": {"timesteps": [1, 10]}}``. For every lever the decoder is retrained on the training
+``{"features": {"timesteps": [1, 10]}}``; or ``{"seed": 1}``, the same settings with another seed for the
+decoder and K-means, which shows how far chance alone moves the scores. For every lever the decoder is retrained on the training
 slices, and the validation and test slices are segmented under the labelled protocol; a row holds what
 changed, the validation Dice (positive validation slices) and the test Dice (positive test slices) with
 its 95 % bootstrap interval over cases. Levers are chosen by their validation Dice; the test column is
@@ -94,16 +95,19 @@ class Ablation:
                 decoder_inputs(self._test_features[key], self.slices, with_image))
 
     def score(self, name: str, overrides: Mapping[str, Any], n_resamples: int) -> dict[str, Any]:
-        """Retrain CLDF's decoder with ``overrides`` and score it on validation and test."""
-        settings = lever_settings(self.base, overrides)
+        """Retrain CLDF's decoder with ``overrides`` and score it on validation and test. An override
+        ``seed`` seeds the decoder's training and K-means instead of the run's seed (the features, and the
+        bootstrap, keep the run's): what the same settings score when only chance differs."""
+        seed = int(overrides.get("seed", self.seed))
+        settings = lever_settings(self.base, {k: v for k, v in overrides.items() if k != "seed"})
         train, test = self._sources(settings)
         decoder_cfg = {"selection": settings["selection"], "decoder": settings["decoder"]}
         decoder, checkpoint = train_decoder(self.slices_path, train, self.maps["cam"], self.maps["mg"],
-                                            decoder_cfg, None, self.seed, int(settings["max_train_slices"]))
+                                            decoder_cfg, None, seed, int(settings["max_train_slices"]))
         cluster = settings["cluster"]
-        val = float(dice_scores(segment_ids(train, decoder, checkpoint, self.slices, self.val, cluster, self.seed),
+        val = float(dice_scores(segment_ids(train, decoder, checkpoint, self.slices, self.val, cluster, seed),
                                 self.val_gt).mean()) if len(self.val) else float("nan")
-        dice = dice_scores(segment_ids(test, decoder, checkpoint, self.slices, self.test, cluster, self.seed), self.test_gt)
+        dice = dice_scores(segment_ids(test, decoder, checkpoint, self.slices, self.test, cluster, seed), self.test_gt)
         low, high = _case_interval(dice, self.test_cases, n_resamples, self.seed)
         LOG.info("lever %s: validation Dice %.4f, test Dice %.4f", name, val, dice.mean())
         return {"lever": name, "changed": json.dumps(overrides, sort_keys=True), "val_dice": val,

@@ -7,6 +7,11 @@ air (measured by the issue author), which says nothing about the target. The for
 one whose normalised centroid has the highest cosine similarity with the foreground prototype learned
 during decoder training (mean embedding of the selected training foreground pixels), so no ground truth
 is involved.
+
+K-means runs per slice by default (the paper's); ``cldf.cluster.scope: case`` runs one K-means over the
+pixels of all slices of a case that are segmented, so a slice through a tumour's edge and one through its
+middle are split by the same clusters instead of each slice being cut into ``k`` parts of its own
+(``ablation.csv``).
 """
 
 from __future__ import annotations
@@ -30,13 +35,15 @@ N_INIT = 3
 
 
 ASSIGNMENTS = ("prototype", "nearest")
+SCOPES = ("slice", "case")
+MAX_FIT_POINTS = 200_000
 
 
 def _cosine(points: np.ndarray, vector: np.ndarray) -> np.ndarray:
     return points @ vector / np.maximum(np.linalg.norm(points, axis=1) * np.linalg.norm(vector), 1e-12)
 
 
-def cluster_slice(
+def cluster_slices(
     emb: torch.Tensor | np.ndarray,
     body: torch.Tensor | np.ndarray,
     k: int,
@@ -44,44 +51,50 @@ def cluster_slice(
     seed: int,
     assign: str = "prototype",
 ) -> np.ndarray:
-    """Binary mask of one slice from its pixel embeddings.
+    """Binary masks of slices from their pixel embeddings, by one K-means over the pixels of all of them.
 
     Parameters
     ----------
     emb
-        float (E, H, W) pixel embeddings.
+        float (S, E, H, W) pixel embeddings of S slices (S = 1: one slice clustered on its own).
     body
-        bool (H, W) region to cluster (the body mask, or all True to cluster the whole slice).
+        bool (S, H, W) region to cluster (the body masks, or all True to cluster the whole slices).
     k
         Number of K-means clusters (>= 2).
     prototypes
         float (E,) foreground and background prototypes.
     seed
-        ``random_state`` of K-means (``n_init`` = :data:`N_INIT`).
+        ``random_state`` of K-means (``n_init`` = :data:`N_INIT`); it also draws the at most
+        :data:`MAX_FIT_POINTS` pixels K-means is fitted on when the region holds more (all are then assigned
+        to the nearest centroid).
     assign
         ``prototype``: the one cluster closest (cosine) to the foreground prototype is the target;
         ``nearest``: every cluster closer to the foreground than to the background prototype is.
 
     Returns
     -------
-    bool (H, W) inside ``body``; everything outside ``body`` is background. Fewer than ``k`` pixels in
-    ``body`` → empty mask.
+    bool (S, H, W) inside ``body``; everything outside ``body`` is background. Fewer than ``k`` pixels in
+    ``body`` → empty masks.
     """
     if k < 2 or assign not in ASSIGNMENTS:
         raise ValueError(f"need k >= 2 and assign in {ASSIGNMENTS}, got k={k}, assign={assign!r}")
     emb = torch.as_tensor(emb).detach().float().cpu().numpy()
     body = torch.as_tensor(body).detach().cpu().numpy().astype(bool)
     fg, bg = (torch.as_tensor(p).detach().float().cpu().numpy().astype(np.float64) for p in prototypes)
-    if emb.ndim != 3 or body.shape != emb.shape[1:] or fg.shape != (emb.shape[0],) or bg.shape != fg.shape:
+    if emb.ndim != 4 or body.shape != (emb.shape[0], *emb.shape[2:]) or fg.shape != (emb.shape[1],) or bg.shape != fg.shape:
         raise ValueError(f"shapes emb {emb.shape}, body {body.shape}, prototypes {fg.shape}/{bg.shape} do not match")
     mask = np.zeros(body.shape, dtype=bool)
-    points = emb[:, body].T.astype(np.float64)  # (n, E)
+    points = emb.transpose(0, 2, 3, 1)[body].astype(np.float64)  # (n, E)
     if len(points) < k:
         return mask
-    kmeans = KMeans(n_clusters=k, n_init=N_INIT, random_state=seed).fit(points)
+    fit = points
+    if len(points) > MAX_FIT_POINTS:
+        fit = points[np.sort(np.random.default_rng(seed).choice(len(points), MAX_FIT_POINTS, replace=False))]
+    kmeans = KMeans(n_clusters=k, n_init=N_INIT, random_state=seed).fit(fit)
+    labels = kmeans.labels_ if fit is points else kmeans.predict(points)
     to_fg = _cosine(kmeans.cluster_centers_, fg)
     chosen = [int(np.argmax(to_fg))] if assign == "prototype" else np.flatnonzero(to_fg > _cosine(kmeans.cluster_centers_, bg))
-    mask[body] = np.isin(kmeans.labels_, chosen)
+    mask[body] = np.isin(labels, chosen)
     return mask
 
 
@@ -99,26 +112,47 @@ def segment_batches(
     seed: int,
     batch_size: int = 4,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """K-means masks of the slices ``ids`` with every decoder: ``(ids (B,), {name: uint8 (B, H, W)})`` per batch.
+    """K-means masks of the slices ``ids`` with every decoder: ``(ids (B,), {name: uint8 (B, H, W)})`` per batch,
+    or per case under ``scope: case``.
 
     ``decoders`` maps a name to ``(decoder, (foreground, background) prototypes (E,))``; ``settings``: ``k``,
-    ``assign`` (:func:`cluster_slice`), ``inside_body`` (cluster the body pixels only) and ``min_component``
-    (:func:`keep_components`; 0 or absent keeps every component). The features of a batch are shared by
-    every decoder.
+    ``assign`` (:func:`cluster_slices`), ``inside_body`` (cluster the body pixels only), ``scope`` (``slice``,
+    the default: one K-means per slice; ``case``: one K-means over the pixels of a case's slices of ``ids``,
+    so every slice of a case is split by the same clusters) and ``min_component`` (:func:`keep_components`,
+    per slice; 0 or absent keeps every component). The features of a batch are shared by every decoder.
     """
     size = slices.image_size
     k, assign = int(settings["k"]), settings.get("assign", "prototype")
     min_component = float(settings.get("min_component", 0.0))
+    scope = settings.get("scope", "slice")
+    if scope not in SCOPES:
+        raise ValueError(f"cluster scope must be one of {SCOPES}, got {scope!r}")
+
+    def clustered(emb: torch.Tensor, region: np.ndarray, prototypes: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
+        """bool (B, H, W) from embeddings (B, E, H, W): one K-means per slice, or one over all B under ``case``."""
+        pieces = [slice(None)] if scope == "case" else [slice(b, b + 1) for b in range(len(emb))]
+        return np.concatenate([cluster_slices(emb[p], region[p], k, prototypes, seed, assign) for p in pieces])
+
+    def embedded(batch_ids: np.ndarray, feats: Any) -> tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+        region = slices.body(batch_ids) if settings["inside_body"] else np.ones((len(batch_ids), size, size), bool)
+        return batch_ids, region, {name: embed_slices(decoder, feats).cpu() for name, (decoder, _) in decoders.items()}
+
+    def units() -> Iterator[tuple[np.ndarray, np.ndarray, dict[str, torch.Tensor]]]:
+        """What one :func:`clustered` call sees: a batch of slices, or under ``case`` all slices of one case."""
+        if scope == "slice":
+            yield from (embedded(batch_ids, feats) for batch_ids, feats in features.batches(ids, batch_size))
+            return
+        cases = slices.case_index[ids]
+        for case in dict.fromkeys(cases.tolist()):
+            parts = [embedded(batch_ids, feats) for batch_ids, feats in features.batches(ids[cases == case], batch_size)]
+            yield (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                   {name: torch.cat([p[2][name] for p in parts]) for name in decoders})
+
+    ids = np.asarray(ids, dtype=np.int64)
     with torch.no_grad():
-        for batch_ids, feats in features.batches(ids, batch_size):
-            region = slices.body(batch_ids) if settings["inside_body"] else np.ones((len(batch_ids), size, size), bool)
-            out = {}
-            for name, (decoder, prototypes) in decoders.items():
-                emb = embed_slices(decoder, feats).cpu()
-                out[name] = np.stack([keep_components(cluster_slice(emb[b], region[b], k, prototypes, seed, assign),
-                                                      min_component)
-                                      for b in range(len(batch_ids))]).astype(np.uint8)
-            yield batch_ids, out
+        for batch_ids, region, embs in units():
+            yield batch_ids, {name: keep_components(clustered(embs[name], region, prototypes), min_component).astype(np.uint8)
+                              for name, (_, prototypes) in decoders.items()}
 
 
 def segment_slices(
