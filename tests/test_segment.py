@@ -12,6 +12,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.filters import threshold_otsu
 
+import cldf.segment.cluster as cluster_module
 import cldf.segment.supcon as supcon_module
 from cldf.segment.cluster import cluster_slices, prototypes_of, run_segmentation
 from cldf.segment.components import keep_components
@@ -420,14 +421,21 @@ def test_same_seed_same_decoder_and_masks(toy):
     assert np.array_equal(MapStore(toy["masks"]).read("masks", ids), MapStore(root / "again").read("masks", ids))
 
 
-def test_segmentation_votes_over_neighbouring_slices_when_chosen(toy, tmp_path):
-    """The same slices regrouped: the test slices one case, in a row; with ``slice_vote`` the masks are the
-    vote of the masks segmented without it."""
+def _test_slices_as_one_case(toy: dict, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The toy's slices with its test slices regrouped into one case, in a row (slice index 0, 1, ...), written
+    to ``path``: (test rows, case_index (N,), slice_index (N,))."""
     n, test = len(toy["labels"]), np.flatnonzero(toy["split"] == "test")
     case_index, slice_index = np.arange(n), np.zeros(n, dtype=np.int64)
     case_index[test], slice_index[test] = test[0], np.arange(len(test))
-    write_slice_store(tmp_path / "slices", np.zeros((n, 1, SIZE, SIZE), np.float32), toy["labels"], case_index,
+    write_slice_store(path, np.zeros((n, 1, SIZE, SIZE), np.float32), toy["labels"], case_index,
                       list(toy["split"]), toy["truth"], body=toy["body"], slice_index=slice_index, modalities=["t1"])
+    return test, case_index, slice_index
+
+
+def test_segmentation_votes_over_neighbouring_slices_when_chosen(toy, tmp_path):
+    """The same slices regrouped: the test slices one case, in a row; with ``slice_vote`` the masks are the
+    vote of the masks segmented without it."""
+    test, case_index, slice_index = _test_slices_as_one_case(toy, tmp_path / "slices")
     features = StoredFeatures(toy["paths"]["features"], SIZE, CPU)
     segmented = toy["labels"][test] != 0
     run_segmentation(tmp_path / "slices", features, {"masks": toy["decoder"]}, {**CLUSTER, "slice_vote": 2}, test,
@@ -443,11 +451,7 @@ def test_segmentation_votes_over_neighbouring_slices_when_chosen(toy, tmp_path):
 def test_segmentation_per_case_runs_one_kmeans_over_the_case(toy, tmp_path):
     """``scope: case``: the test slices regrouped into one case get the masks of one K-means over all their
     body pixels (computed here from the decoder's embeddings), not those of one K-means per slice."""
-    n, test = len(toy["labels"]), np.flatnonzero(toy["split"] == "test")
-    case_index = np.arange(n)
-    case_index[test] = test[0]
-    write_slice_store(tmp_path / "slices", np.zeros((n, 1, SIZE, SIZE), np.float32), toy["labels"], case_index,
-                      list(toy["split"]), toy["truth"], body=toy["body"], modalities=["t1"])
+    test, _, _ = _test_slices_as_one_case(toy, tmp_path / "slices")
     features = StoredFeatures(toy["paths"]["features"], SIZE, CPU)
     segmented = toy["labels"][test] != 0
     run_segmentation(tmp_path / "slices", features, {"masks": toy["decoder"]}, {**CLUSTER, "scope": "case"}, test,
@@ -570,6 +574,21 @@ def test_cluster_slices_pooled_leaves_a_slice_without_target_empty():
     assert np.array_equal(pooled[0], alone[0]) and alone[0][:2].all() and not alone[0][2:].any()
     assert alone[1][:, :2].all() and not alone[1][:, 2:].any()  # the shade nearer the target taken
     assert not pooled[1].any()
+
+
+def test_cluster_slices_fitted_on_a_sample_assigns_every_pixel(monkeypatch):
+    """More pixels than ``MAX_FIT_POINTS``: K-means is fitted on a seeded sample and every pixel goes to its
+    nearest centroid, which for two well-separated groups gives the masks of the fit on all pixels."""
+    gen = torch.Generator().manual_seed(0)
+    emb = 0.05 * torch.randn(3, 2, 6, 6, generator=gen)
+    emb[:, 1, :3] += 1.0  # top half of each slice near the foreground prototype (0, 1)
+    emb[:, 0, 3:] += 1.0  # bottom half near the background prototype (1, 0)
+    body = torch.ones(3, 6, 6, dtype=torch.bool)
+    prototypes = (torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0]))
+    every = cluster_slices(emb, body, 2, prototypes, 0)
+    monkeypatch.setattr(cluster_module, "MAX_FIT_POINTS", 10)
+    assert np.array_equal(cluster_slices(emb, body, 2, prototypes, 0), every)
+    assert every[:, :3].all() and not every[:, 3:].any()
 
 
 def test_segment_code_never_reads_ground_truth():

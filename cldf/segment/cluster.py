@@ -127,6 +127,7 @@ def segment_batches(
     scope = settings.get("scope", "slice")
     if scope not in SCOPES:
         raise ValueError(f"cluster scope must be one of {SCOPES}, got {scope!r}")
+    ids = np.asarray(ids, dtype=np.int64)
 
     def clustered(emb: torch.Tensor, region: np.ndarray, prototypes: tuple[torch.Tensor, torch.Tensor]) -> np.ndarray:
         """bool (B, H, W) from embeddings (B, E, H, W): one K-means per slice, or one over all B under ``case``."""
@@ -148,7 +149,6 @@ def segment_batches(
             yield (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                    {name: torch.cat([p[2][name] for p in parts]) for name in decoders})
 
-    ids = np.asarray(ids, dtype=np.int64)
     with torch.no_grad():
         for batch_ids, region, embs in units():
             yield batch_ids, {name: keep_components(clustered(embs[name], region, prototypes), min_component).astype(np.uint8)
