@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 import zarr
@@ -211,10 +212,11 @@ def _cldf(workdir: Path, *args: str) -> None:
 
 def test_a_seed_lever_moves_the_scores_by_chance_alone(work: Path, tmp_path: Path) -> None:
     """A lever ``{"seed": s}`` retrains the chosen configuration with another seed for the decoder and K-means:
-    with the run's own seed it gives the chosen row exactly, with another seed other scores."""
+    with the run's own seed it gives the chosen row exactly, with another seed other scores; a lever
+    ``{"vote": 1}`` is the chosen row too (:func:`test_a_vote_lever_keeps_what_most_seeds_masks_hold`)."""
     cam, seed = CONFIG["cldf"]["cam"], int(CONFIG["seed"])
-    settings = {**Plan(CONFIG).ablation_settings(), "levers": {"run's seed": {"seed": seed}, "another": {"seed": seed + 1}},
-                "bootstrap": 100}
+    levers = {"run's seed": {"seed": seed}, "another": {"seed": seed + 1}, "vote of one": {"vote": 1}}
+    settings = {**Plan(CONFIG).ablation_settings(), "levers": levers, "bootstrap": 100}
     out = tmp_path / "ablation.csv"
     _cldf(work, "ablation", "--slices", str(_path(work, "slices")), "--test-truth", str(_path(work, "test_truth")),
           "--features", str(_path(work, "map", map="features")),
@@ -224,6 +226,30 @@ def test_a_seed_lever_moves_the_scores_by_chance_alone(work: Path, tmp_path: Pat
     rows = pd.read_csv(out).set_index("lever")[["val_dice", "test_dice"]]
     assert rows.loc["run's seed"].tolist() == rows.loc["chosen on validation"].tolist()
     assert rows.loc["another"].tolist() != rows.loc["chosen on validation"].tolist()
+    assert rows.loc["vote of one"].tolist() == rows.loc["chosen on validation"].tolist()
+
+
+def test_a_vote_lever_keeps_what_most_seeds_masks_hold(work: Path) -> None:
+    """``{"vote": 3}`` gives, slice by slice and pixel by pixel, the majority of the masks of the seed levers
+    s, s+1 and s+2 (each decoder and its K-means seeded on its own), which differs from seed s's mask."""
+    from cldf.evaluate.ablation import Ablation, chosen_settings, majority
+    from cldf.evaluate.choices import chosen, read_selection
+    from cldf.models.checkpoint import load_model
+
+    cam, seed, s = CONFIG["cldf"]["cam"], int(CONFIG["seed"]), Plan(CONFIG).ablation_settings()
+    slices = SliceStore(_path(work, "slices"))
+    base = chosen_settings(s["cldf"], chosen(read_selection(_path(work, "tuning", cam=cam)), "decoder"),
+                           s["features"], int(s["max_train_slices"]))
+    cdm = load_model(_path(work, "model", model="cdm"), torch.device("cpu"), "cdm",
+                     {"image_size": slices.image_size, "in_channels": slices.channels})
+    ablation = Ablation(_path(work, "slices"), _path(work, "test_truth"), _path(work, "map", map="features"),
+                        {"cdm": cdm}, {"cam": _path(work, "fused_cam", cam=cam), "mg": _path(work, "map", map="mean_gradient")},
+                        base, torch.device("cpu"), seed)
+    singles = [ablation.masks({"seed": seed + i}) for i in range(3)]
+    voted = ablation.masks({"vote": 3})
+    for part in (0, 1):
+        assert np.array_equal(voted[part], majority([single[part] for single in singles]))
+    assert not np.array_equal(voted[1], singles[0][1])
 
 
 def test_unlabelled_rows_never_read_a_test_label(work: Path, tmp_path: Path) -> None:

@@ -659,3 +659,14 @@ def test_a_lever_that_taps_other_layers_has_the_decoder_read_them_all():
     both = ["up_blocks.1", "up_blocks.2"]
     assert lever_settings(base, {"decoder": {"feature_layers": both}})["decoder"]["feature_layers"] == both
     assert base["decoder"]["feature_layers"] == ["up_blocks.2"]  # the chosen settings are not changed
+
+
+def test_the_vote_of_decoders_keeps_the_pixels_most_masks_hold():
+    from cldf.evaluate.ablation import majority
+
+    a = np.array([[[1, 1, 0, 0]]], bool)
+    b = np.array([[[1, 0, 1, 0]]], bool)
+    c = np.array([[[0, 1, 1, 0]]], bool)
+    assert majority([a, b, c]).tolist() == [[[True, True, True, False]]]
+    assert majority([a, b]).tolist() == [[[True, False, False, False]]]  # a tie drops the pixel
+    assert majority([c]) is c

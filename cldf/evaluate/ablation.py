@@ -3,7 +3,9 @@
 Each lever is a set of overrides of CLDF's settings as chosen on validation (the decoder, the pixel
 selection, the clustering, the features the decoder sees): ``{"decoder": {"with_image": true}}``,
 ``{"features": {"timesteps": [1, 10]}}``; or ``{"seed": 1}``, the same settings with another seed for the
-decoder and K-means, which shows how far chance alone moves the scores. For every lever the decoder is retrained on the training
+decoder and K-means, which shows how far chance alone moves the scores; or ``{"vote": 3}``, the pixel-wise
+majority of the masks of decoders trained with seeds s, s+1, s+2 (s the run's seed, or the lever's ``seed``),
+which asks whether averaging over chance pays. For every lever the decoder is retrained on the training
 slices, and the validation and test slices are segmented under the labelled protocol; a row holds what
 changed, the validation Dice (positive validation slices) and the test Dice (positive test slices) with
 its 95 % bootstrap interval over cases. Levers are chosen by their validation Dice; the test column is
@@ -94,26 +96,42 @@ class Ablation:
         return (decoder_inputs(train, self.slices, with_image),
                 decoder_inputs(self._test_features[key], self.slices, with_image))
 
-    def score(self, name: str, overrides: Mapping[str, Any], n_resamples: int) -> dict[str, Any]:
-        """Retrain CLDF's decoder with ``overrides`` and score it on validation and test. An override
-        ``seed`` seeds the decoder's training and K-means instead of the run's seed (the features, and the
-        bootstrap, keep the run's): what the same settings score when only chance differs."""
-        seed = int(overrides.get("seed", self.seed))
-        settings = lever_settings(self.base, {k: v for k, v in overrides.items() if k != "seed"})
+    def masks(self, overrides: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """CLDF's masks under ``overrides``: bool (N_val, H, W) of the positive validation slices and bool
+        (N_test, H, W) of the positive test slices. An override ``seed`` seeds the decoder's training and
+        K-means instead of the run's seed (the features keep the run's); ``vote: n`` trains n decoders (seeds
+        seed .. seed+n-1) and keeps the pixels most of their masks hold (:func:`majority`)."""
+        seed, votes = int(overrides.get("seed", self.seed)), int(overrides.get("vote", 1))
+        settings = lever_settings(self.base, {k: v for k, v in overrides.items() if k not in ("seed", "vote")})
         train, test = self._sources(settings)
         decoder_cfg = {"selection": settings["selection"], "decoder": settings["decoder"]}
-        decoder, checkpoint = train_decoder(self.slices_path, train, self.maps["cam"], self.maps["mg"],
-                                            decoder_cfg, None, seed, int(settings["max_train_slices"]))
-        cluster = settings["cluster"]
-        val = float(dice_scores(segment_ids(train, decoder, checkpoint, self.slices, self.val, cluster, seed),
-                                self.val_gt).mean()) if len(self.val) else float("nan")
-        dice = dice_scores(segment_ids(test, decoder, checkpoint, self.slices, self.test, cluster, seed), self.test_gt)
+        val_masks, test_masks = [], []
+        for s in range(seed, seed + votes):
+            decoder, checkpoint = train_decoder(self.slices_path, train, self.maps["cam"], self.maps["mg"],
+                                                decoder_cfg, None, s, int(settings["max_train_slices"]))
+            val_masks.append(segment_ids(train, decoder, checkpoint, self.slices, self.val, settings["cluster"], s))
+            test_masks.append(segment_ids(test, decoder, checkpoint, self.slices, self.test, settings["cluster"], s))
+        return majority(val_masks), majority(test_masks)
+
+    def score(self, name: str, overrides: Mapping[str, Any], n_resamples: int) -> dict[str, Any]:
+        """Retrain CLDF's decoder with ``overrides`` (:meth:`masks`) and score it on validation and test:
+        the seed and vote levers show what the same settings score when only chance differs, and whether
+        averaging over chance pays (the bootstrap keeps the run's seed)."""
+        val_masks, test_masks = self.masks(overrides)
+        val = float(dice_scores(val_masks, self.val_gt).mean()) if len(self.val) else float("nan")
+        dice = dice_scores(test_masks, self.test_gt)
         low, high = _case_interval(dice, self.test_cases, n_resamples, self.seed)
         LOG.info("lever %s: validation Dice %.4f, test Dice %.4f", name, val, dice.mean())
         return {"lever": name, "changed": json.dumps(overrides, sort_keys=True), "val_dice": val,
                 "test_dice": float(dice.mean()), "test_ci_low": low, "test_ci_high": high,
                 "n_cases": len(set(self.test_cases))}
 
+def majority(masks: Sequence[np.ndarray]) -> np.ndarray:
+    """Pixel-wise majority of ``masks`` (each (N, H, W) bool): a pixel is kept when more than half of
+    them hold it (a tie, with an even count, drops it). One mask is returned as it is."""
+    if len(masks) == 1:
+        return masks[0]
+    return np.stack(masks).sum(0) * 2 > len(masks)
 
 def lever_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """CLDF's chosen settings ``base`` with one lever's ``overrides``. A lever that taps other layers or
