@@ -32,10 +32,11 @@ from cldf.io.layouts import case_files, list_cases
 from cldf.io.nnunet import export_nnunet
 from cldf.io.nifti import read_case
 from cldf.models.builders import build_model
-from cldf.models.decoder import PixelDecoder
+from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.plan import Plan
 from cldf.segment.pseudo import (PREDICT_COLUMNS, PSEUDO_COLUMNS, CaseSegmenter, CaseSlices, ClassifierProbs,
                                  collect_manifest, predict_scans, pseudo_masks, segment_case, write_mask)
+from cldf.segment.cluster import cluster_slices
 from cldf.segment.context import vote_slices
 from cldf.store import SliceStore, StoreError, TestTruth, read_ground_truth
 
@@ -413,6 +414,34 @@ def test_whole_case_masks_are_voted_over_neighbouring_slices_when_chosen(tmp_pat
     expected[segmented] = vote_slices(masks[segmented], np.zeros(int(segmented.sum())), slices.slice_index[rows][segmented], 1)
     assert np.array_equal(again, segmented) and not segmented.all()
     assert np.array_equal(voted, expected) and not np.array_equal(voted, masks)
+
+
+def test_whole_case_masks_under_per_case_kmeans_cluster_labelled_and_gated_slices_together(tmp_path: Path, one_thread) -> None:
+    """``scope: case``: a case's labelled positive slice (features conditioned on its label) and its gated
+    unlabelled slices (conditioned on the null class) are split by one K-means over all their pixels,
+    computed here from the decoder's embeddings; a new scan (held in memory) is segmented under it too."""
+    ds = _own(tmp_path)
+    _write_labels(tmp_path, ["Synth_000,3,1", "Synth_000,0,0"])
+    slices = SliceStore(_slice(tmp_path, ds))
+    rows = slices.indices(cases=[0])
+    per_slice = _segmenter(gate=0.0)
+    pooled = dataclasses.replace(per_slice, cluster={**per_slice.cluster, "scope": "case"})
+    masks, segmented = segment_case(pooled, slices, rows)
+    labels = slices.labels[rows]
+    probs = ClassifierProbs(pooled.classifier, slices, pooled.device, 4)
+    groups = ((rows[labels == 1], "label"), (rows[labels == -1], pooled.conditioning))
+    with torch.no_grad():
+        emb = torch.cat([embed_slices(pooled.decoder, feats) for ids, conditioning in groups
+                         for _, feats in pooled.features(slices, conditioning, probs).batches(ids, 4)])
+    prototypes = (pooled.checkpoint["prototypes"]["foreground"], pooled.checkpoint["prototypes"]["background"])
+    order = np.concatenate([ids for ids, _ in groups])
+    expected = np.zeros_like(masks)
+    expected[np.searchsorted(rows, order)] = cluster_slices(emb, np.ones((len(order), slices.image_size, slices.image_size), bool), 2, prototypes, 0)
+    assert np.array_equal(masks, expected) and np.array_equal(segmented, labels != 0)
+    assert not np.array_equal(masks, segment_case(per_slice, slices, rows)[0])
+    new = {**ds, "predict": True, "labels_csv": None, "ambiguous_slices": "evaluate"}
+    predicted = predict_scans(new, ["Synth_002"], pooled, tmp_path / "predict")
+    assert predicted.foreground_voxels[0] > 0
 
 
 # --- the workflow: "Your own data" of the README (docs/OWN_DATA.md) ----------------------------

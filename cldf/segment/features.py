@@ -235,6 +235,25 @@ class WithImage:
             yield ids, torch.cat([feats, images], dim=1)
 
 
+class GroupedFeatures:
+    """Features of slices whose source depends on the slice: ``groups`` pairs slice ids (N_g,) with the
+    source serving them (e.g. labelled slices conditioned on their label, unlabelled ones on another class).
+    Every batch comes from one source; the groups are served in order, so one caller (a per-case K-means)
+    sees all of a case's slices whatever source each came from."""
+
+    def __init__(self, groups: Sequence[tuple[np.ndarray, Any]]) -> None:
+        """``groups``: at least one (ids, source); the sources give features of one width (the first's)."""
+        self.groups = [(np.asarray(ids, dtype=np.int64), source) for ids, source in groups]
+        self.dim, self.device, self.channel_groups = groups[0][1].dim, groups[0][1].device, groups[0][1].channel_groups
+
+    def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        slice_ids = np.asarray(slice_ids, dtype=np.int64)
+        for ids, source in self.groups:
+            mine = slice_ids[np.isin(slice_ids, ids)]
+            if len(mine):
+                yield from source.batches(mine, batch_size)
+
+
 def decoder_inputs(source: StoredFeatures | ComputedFeatures, slices: SliceStore, with_image: bool):
     """What the pixel decoder sees: the diffusion features, with the image channels when ``with_image``."""
     return WithImage(source, slices) if with_image else source

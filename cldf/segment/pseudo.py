@@ -31,7 +31,7 @@ from cldf.maps.cams import positive_probability
 from cldf.models.decoder import PixelDecoder
 from cldf.segment.cluster import segment_batches
 from cldf.segment.context import vote_slices
-from cldf.segment.features import ComputedFeatures, decoder_inputs
+from cldf.segment.features import ComputedFeatures, GroupedFeatures, decoder_inputs
 from cldf.segment.train import check_feature_dim
 from cldf.store import SliceStore
 
@@ -61,13 +61,15 @@ class ClassifierProbs:
 
 class CaseSlices:
     """The kept slices of one case held in memory (:func:`cldf.data.slices.slice_case`): what segmentation
-    reads of a :class:`cldf.store.SliceStore` (``images``, ``body``, ``labels``, sizes)."""
+    reads of a :class:`cldf.store.SliceStore` (``images``, ``body``, ``labels``, ``slice_index``, sizes, and
+    ``case_index``, all 0: one case)."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray], image_size: int) -> None:
         self._images, self._body = arrays["images"], arrays["body"]
         self.labels = np.asarray(arrays["labels"], dtype=np.int8)
         self.slice_index = np.asarray(arrays["slice_index"], dtype=np.int64)
         self.image_size, self.channels, self.n = int(image_size), int(self._images.shape[1]), len(self.labels)
+        self.case_index = np.zeros(self.n, dtype=np.int64)
 
     def images(self, idx: Sequence[int] | np.ndarray) -> np.ndarray:
         return np.asarray(self._images[np.asarray(idx, dtype=np.int64)], dtype=np.float32)
@@ -103,8 +105,10 @@ class CaseSegmenter:
 
 def segment_case(m: CaseSegmenter, slices: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Masks uint8 (M, H, W) of the slices ``rows`` of one case, and bool (M,): which were segmented
-    (labelled positive, or unlabelled with a probability at or above the gate); the others are empty. With
-    ``slice_vote`` (a radius above 0) in the clustering settings, the segmented slices vote on each other's masks."""
+    (labelled positive, or unlabelled with a probability at or above the gate); the others are empty. The
+    labelled slices' features are conditioned on their label, the gated ones' on ``m.conditioning``; under
+    ``scope: case`` one K-means clusters them all. With ``slice_vote`` (a radius above 0) in the clustering
+    settings, the segmented slices vote on each other's masks."""
     rows = np.asarray(rows, dtype=np.int64)
     labels = np.asarray(slices.labels)[rows]
     probs = ClassifierProbs(m.classifier, slices, m.device, int(m.settings["batch_size"]))
@@ -112,14 +116,14 @@ def segment_case(m: CaseSegmenter, slices: Any, rows: np.ndarray) -> tuple[np.nd
     passed = unlabelled[probs.read("probs", unlabelled) >= m.gate] if len(unlabelled) else unlabelled
     out = np.zeros((len(rows), slices.image_size, slices.image_size), dtype=np.uint8)
     position = {int(r): k for k, r in enumerate(rows)}
-    with torch.no_grad():
-        for ids, conditioning in ((rows[labels == 1], "label"), (passed, m.conditioning)):
-            if len(ids) == 0:
-                continue
-            decoders = {"CLDF": (m.decoder, (m.checkpoint["prototypes"]["foreground"],
-                                             m.checkpoint["prototypes"]["background"]))}
-            for batch_ids, masks in segment_batches(m.features(slices, conditioning, probs), decoders, slices, ids,
-                                                    m.cluster, m.seed):
+    groups = [(ids, m.features(slices, conditioning, probs))
+              for ids, conditioning in ((rows[labels == 1], "label"), (passed, m.conditioning)) if len(ids)]
+    if groups:
+        decoders = {"CLDF": (m.decoder, (m.checkpoint["prototypes"]["foreground"],
+                                         m.checkpoint["prototypes"]["background"]))}
+        ids = np.concatenate([ids for ids, _ in groups])
+        with torch.no_grad():
+            for batch_ids, masks in segment_batches(GroupedFeatures(groups), decoders, slices, ids, m.cluster, m.seed):
                 out[[position[int(i)] for i in batch_ids]] = masks["CLDF"]
     segmented = np.isin(rows, np.concatenate([rows[labels == 1], passed]))
     one_case = np.zeros(int(segmented.sum()), dtype=np.int64)
