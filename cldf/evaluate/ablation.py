@@ -126,12 +126,14 @@ class Ablation:
                 "test_dice": float(dice.mean()), "test_ci_low": low, "test_ci_high": high,
                 "n_cases": len(set(self.test_cases))}
 
+
 def majority(masks: Sequence[np.ndarray]) -> np.ndarray:
     """Pixel-wise majority of ``masks`` (each (N, H, W) bool): a pixel is kept when more than half of
     them hold it (a tie, with an even count, drops it). One mask is returned as it is."""
     if len(masks) == 1:
         return masks[0]
     return np.stack(masks).sum(0) * 2 > len(masks)
+
 
 def lever_settings(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """CLDF's chosen settings ``base`` with one lever's ``overrides``. A lever that taps other layers or
