@@ -36,7 +36,7 @@ from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.plan import Plan
 from cldf.segment.pseudo import (PREDICT_COLUMNS, PSEUDO_COLUMNS, CaseSegmenter, CaseSlices, ClassifierProbs,
                                  collect_manifest, predict_scans, pseudo_masks, segment_case, write_mask)
-from cldf.segment.cluster import cluster_slices
+from cldf.segment.cluster import cluster_slices, prototypes_of
 from cldf.segment.context import vote_slices
 from cldf.store import SliceStore, StoreError, TestTruth, read_ground_truth
 
@@ -433,7 +433,7 @@ def test_whole_case_masks_under_per_case_kmeans_cluster_labelled_and_gated_slice
     with torch.no_grad():
         emb = torch.cat([embed_slices(pooled.decoder, feats) for ids, conditioning in groups
                          for _, feats in pooled.features(slices, conditioning, probs).batches(ids, 4)])
-    prototypes = (pooled.checkpoint["prototypes"]["foreground"], pooled.checkpoint["prototypes"]["background"])
+    prototypes = prototypes_of(pooled.checkpoint)
     order = np.concatenate([ids for ids, _ in groups])
     expected = np.zeros_like(masks)
     expected[np.searchsorted(rows, order)] = cluster_slices(emb, np.ones((len(order), slices.image_size, slices.image_size), bool), 2, prototypes, 0)

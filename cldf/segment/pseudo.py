@@ -29,7 +29,7 @@ from cldf.data.slices import slice_case
 from cldf.io.errors import DataError
 from cldf.maps.cams import positive_probability
 from cldf.models.decoder import PixelDecoder
-from cldf.segment.cluster import segment_batches
+from cldf.segment.cluster import prototypes_of, segment_batches
 from cldf.segment.context import vote_slices
 from cldf.segment.features import ComputedFeatures, GroupedFeatures, decoder_inputs
 from cldf.segment.train import check_feature_dim
@@ -118,14 +118,13 @@ def segment_case(m: CaseSegmenter, slices: Any, rows: np.ndarray) -> tuple[np.nd
     position = {int(r): k for k, r in enumerate(rows)}
     groups = [(ids, m.features(slices, conditioning, probs))
               for ids, conditioning in ((rows[labels == 1], "label"), (passed, m.conditioning)) if len(ids)]
+    targets = np.concatenate([rows[labels == 1], passed])
     if groups:
-        decoders = {"CLDF": (m.decoder, (m.checkpoint["prototypes"]["foreground"],
-                                         m.checkpoint["prototypes"]["background"]))}
-        ids = np.concatenate([ids for ids, _ in groups])
+        decoders = {"CLDF": (m.decoder, prototypes_of(m.checkpoint))}
         with torch.no_grad():
-            for batch_ids, masks in segment_batches(GroupedFeatures(groups), decoders, slices, ids, m.cluster, m.seed):
+            for batch_ids, masks in segment_batches(GroupedFeatures(groups), decoders, slices, targets, m.cluster, m.seed):
                 out[[position[int(i)] for i in batch_ids]] = masks["CLDF"]
-    segmented = np.isin(rows, np.concatenate([rows[labels == 1], passed]))
+    segmented = np.isin(rows, targets)
     one_case = np.zeros(int(segmented.sum()), dtype=np.int64)
     out[segmented] = vote_slices(out[segmented], one_case, np.asarray(slices.slice_index)[rows[segmented]],
                                  int(m.cluster.get("slice_vote", 0)))
