@@ -37,6 +37,7 @@ from cldf.plan import Plan
 from cldf.segment.pseudo import (PREDICT_COLUMNS, PSEUDO_COLUMNS, CaseSegmenter, CaseSlices, ClassifierProbs,
                                  collect_manifest, predict_scans, pseudo_masks, segment_case, write_mask)
 from cldf.segment.cluster import cluster_slices, prototypes_of
+from cldf.segment.components import fill_holes
 from cldf.segment.context import vote_slices
 from cldf.store import SliceStore, StoreError, TestTruth, read_ground_truth
 
@@ -414,6 +415,9 @@ def test_whole_case_masks_are_voted_over_neighbouring_slices_when_chosen(tmp_pat
     expected[segmented] = vote_slices(masks[segmented], np.zeros(int(segmented.sum())), slices.slice_index[rows][segmented], 1)
     assert np.array_equal(again, segmented) and not segmented.all()
     assert np.array_equal(voted, expected) and not np.array_equal(voted, masks)
+    filled, _ = segment_case(dataclasses.replace(alone, cluster={**alone.cluster, "slice_vote": 1, "fill_holes": True}),
+                             slices, rows)
+    assert np.array_equal(filled.astype(bool), fill_holes(expected.astype(bool)))
 
 
 def test_whole_case_masks_under_per_case_kmeans_cluster_labelled_and_gated_slices_together(tmp_path: Path, one_thread) -> None:

@@ -15,7 +15,7 @@ from skimage.filters import threshold_otsu
 import cldf.segment.cluster as cluster_module
 import cldf.segment.supcon as supcon_module
 from cldf.segment.cluster import cluster_slices, prototypes_of, run_segmentation
-from cldf.segment.components import keep_components
+from cldf.segment.components import fill_holes, keep_components
 from cldf.segment.context import vote_slices
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import StoredFeatures, decoder_inputs, input_channels, iter_feature_batches, upsample_features
@@ -448,6 +448,35 @@ def test_segmentation_votes_over_neighbouring_slices_when_chosen(toy, tmp_path):
     assert not np.array_equal(voted, alone)
 
 
+def test_segmentation_fills_the_holes_of_the_voted_masks_when_chosen(toy, tmp_path):
+    """``fill_holes``: the masks are those without it, voted over neighbouring slices, with their holes filled;
+    the negative slices stay empty. The toy's test slices, one case in a row, get a pixel outside the body at
+    the centre of each tumour, which K-means (inside the body) never marks: a hole in the masks that enclose it."""
+    n, test = len(toy["labels"]), np.flatnonzero(toy["split"] == "test")
+    case_index, slice_index = np.arange(n), np.zeros(n, dtype=np.int64)
+    case_index[test], slice_index[test] = test[0], np.arange(len(test))
+    body = toy["body"].copy()
+    for i in test[toy["labels"][test] == 1]:
+        rows, cols = np.nonzero(toy["truth"][i])
+        body[i, int(rows.mean()), int(cols.mean())] = False
+    write_slice_store(tmp_path / "slices", np.zeros((n, 1, SIZE, SIZE), np.float32), toy["labels"], case_index,
+                      list(toy["split"]), toy["truth"], body=body, slice_index=slice_index, modalities=["t1"])
+    features = StoredFeatures(toy["paths"]["features"], SIZE, CPU)
+    segmented = toy["labels"][test] != 0
+    for radius in (0, 2):
+        cluster = {**CLUSTER, "slice_vote": radius}
+        run_segmentation(tmp_path / "slices", features, {"masks": toy["decoder"]}, cluster, test, segmented,
+                         tmp_path / f"open{radius}", CPU, seed=3)
+        run_segmentation(tmp_path / "slices", features, {"masks": toy["decoder"]}, {**cluster, "fill_holes": True}, test,
+                         segmented, tmp_path / f"filled{radius}", CPU, seed=3)
+        unfilled = MapStore(tmp_path / f"open{radius}").read("masks", test).astype(bool)
+        filled = MapStore(tmp_path / f"filled{radius}").read("masks", test)
+        assert filled.dtype == np.uint8 and not filled[~segmented].any()
+        assert np.array_equal(filled.astype(bool), fill_holes(unfilled))
+        holes = (filled.astype(bool) & ~unfilled).sum((1, 2))
+        assert (holes[segmented] >= 1).sum() >= 3, holes  # the centres of the tumours the masks enclose, filled
+
+
 def test_segmentation_per_case_runs_one_kmeans_over_the_case(toy, tmp_path):
     """``scope: case``: the test slices regrouped into one case get the masks of one K-means over all their
     body pixels (computed here from the decoder's embeddings), not those of one K-means per slice."""
@@ -645,6 +674,22 @@ def test_keep_components_drops_islands_smaller_than_the_fraction():
     assert not keep_components(np.zeros((5, 5), bool), 1.0).any()
     with pytest.raises(ValueError):
         keep_components(mask, 1.5)
+
+
+def test_fill_holes_sets_the_background_a_mask_encloses():
+    mask = np.zeros((2, 9, 9), dtype=bool)
+    mask[:, 1:6, 1:6] = True
+    mask[:, 2:4, 2:4] = False  # a hole
+    mask[0, 7:9, 0:3] = True
+    mask[0, 8, 1] = False  # a notch open to the border: not a hole
+    mask[1, 3, 1] = False  # the ring opened to the outside: the hole is no longer enclosed
+    filled = fill_holes(mask)
+    assert filled[0, 1:6, 1:6].all() and not filled[0, 8, 1]
+    assert np.array_equal(filled[0] & ~mask[0], np.pad(np.ones((2, 2), bool), ((2, 5), (2, 5))))
+    assert np.array_equal(filled[1], mask[1])
+    assert np.array_equal(fill_holes(mask[0]), filled[0])
+    with pytest.raises(ValueError):
+        fill_holes(np.zeros(4, bool))
 
 
 def test_a_lever_that_taps_other_layers_has_the_decoder_read_them_all():

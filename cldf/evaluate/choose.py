@@ -21,9 +21,8 @@ import torch
 from cldf.config import decoder_candidates
 from cldf.evaluate.choices import choice_rows, encode, mean_dice, val_positives
 from cldf.models.checkpoint import save_checkpoint
-from cldf.segment.cluster import prototypes_of, segment_slices
+from cldf.segment.cluster import finish_masks, prototypes_of, segment_slices
 from cldf.segment.components import keep_components
-from cldf.segment.context import vote_slices
 from cldf.segment.features import ComputedFeatures, StoredFeatures, decoder_inputs
 from cldf.segment.train import load_decoder, train_decoder
 from cldf.store import MapStore, SliceStore, read_ground_truth
@@ -67,8 +66,9 @@ def tune_decoder(
 ) -> list[dict[str, Any]]:
     """Train CLDF's decoder for every candidate, cluster its validation slices every way of ``grids["cluster"]``,
     keep each clustering's components every way of ``grids["components"]`` and let neighbouring slices vote
-    within each radius of ``grids["slice_vote"]`` (no K-means re-run); write the decoder of the best combination
-    (validation Dice) to ``out``.
+    within each radius of ``grids["slice_vote"]`` (no K-means re-run), then fill the masks' holes when
+    ``base["cluster"]["fill_holes"]`` is set (:func:`cldf.segment.cluster.finish_masks`); write the decoder of the
+    best combination (validation Dice) to ``out``.
 
     The candidates are the optimiser (and quantile) grid, reading the first entry of
     ``grids["feature_layers"]``; then the best of them reads each other entry (one decoder more per entry,
@@ -85,12 +85,13 @@ def tune_decoder(
                                             decoder_settings(base, candidate, "fused"), None, seed, cap)
         rows = []
         for clustering in grids["cluster"]:
-            every = segment_ids(features, decoder, checkpoint, slices, ids, cluster_settings(base["cluster"], clustering), seed)
+            unfilled = {**cluster_settings(base["cluster"], clustering), "fill_holes": False}
+            every = segment_ids(features, decoder, checkpoint, slices, ids, unfilled, seed)
             for fraction in grids["components"]:
                 kept = keep_components(every, float(fraction))
                 for radius in grids["slice_vote"]:
                     rows.append(({**candidate, **clustering, "min_component": fraction, "slice_vote": radius},
-                                 mean_dice(vote_slices(kept, *where, int(radius)), gt)))
+                                 mean_dice(finish_masks(kept, *where, {**base["cluster"], "slice_vote": radius}), gt)))
         return candidate, checkpoint, rows
 
     layer_sets = [list(layers) for layers in grids.get("feature_layers", [])]

@@ -1,6 +1,7 @@
 """Segmentation (step 9): K-means on the decoder's pixel embeddings, foreground cluster by prototype, then
 the mask's small components dropped and the neighbouring slices' vote, each as chosen on validation
-(:mod:`cldf.segment.components`, :mod:`cldf.segment.context`).
+(:mod:`cldf.segment.components`, :mod:`cldf.segment.context`), and the mask's holes filled
+(``cldf.cluster.fill_holes``).
 
 Clustering runs inside the body by default: with k = 2 over the whole slice, K-means splits body versus
 air (measured by the issue author), which says nothing about the target. The foreground cluster is the
@@ -25,7 +26,7 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 from cldf.models.decoder import PixelDecoder, embed_slices
-from cldf.segment.components import keep_components
+from cldf.segment.components import fill_holes, keep_components
 from cldf.segment.context import vote_slices
 from cldf.segment.features import ComputedFeatures, StoredFeatures
 from cldf.segment.train import check_feature_dim, load_decoder
@@ -163,21 +164,34 @@ def segment_slices(
     settings: Mapping[str, Any],
     seed: int,
 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """:func:`segment_batches`, then, when ``settings["slice_vote"]`` (a radius) is above 0, the vote of
-    neighbouring slices (:func:`cldf.segment.context.vote_slices` among the slices of ``ids``): yields
-    ``(ids (B,), {name: uint8 (B, H, W)})`` per batch, or per case when voting."""
-    radius = int(settings.get("slice_vote", 0))
-    if radius == 0:
-        yield from segment_batches(features, decoders, slices, ids, settings, seed)
-        return
+    """:func:`segment_batches`, then :func:`finish_masks`: when ``settings["slice_vote"]`` (a radius) is above
+    0 the vote of neighbouring slices among the slices of ``ids``, and with ``settings["fill_holes"]`` each
+    mask's holes filled. Yields ``(ids (B,), {name: uint8 (B, H, W)})`` per batch, or per case when voting."""
     ids = np.asarray(ids, dtype=np.int64)
-    cases = slices.case_index[ids]
-    for case in dict.fromkeys(cases.tolist()):
-        parts = list(segment_batches(features, decoders, slices, ids[cases == case], settings, seed))
-        got = np.concatenate([batch_ids for batch_ids, _ in parts])
-        yield got, {name: vote_slices(np.concatenate([masks[name] for _, masks in parts]),
-                                      slices.case_index[got], slices.slice_index[got], radius)
+    if int(settings.get("slice_vote", 0)) == 0:
+        parts: Iterator[list[tuple[np.ndarray, dict[str, np.ndarray]]]] = (
+            [batch] for batch in segment_batches(features, decoders, slices, ids, settings, seed))
+    else:
+        cases = slices.case_index[ids]
+        parts = (list(segment_batches(features, decoders, slices, ids[cases == case], settings, seed))
+                 for case in dict.fromkeys(cases.tolist()))
+    for part in parts:
+        got = np.concatenate([batch_ids for batch_ids, _ in part])
+        yield got, {name: finish_masks(np.concatenate([masks[name] for _, masks in part]), slices.case_index[got],
+                                       slices.slice_index[got], settings).astype(np.uint8)
                     for name in decoders}
+
+
+def finish_masks(masks: np.ndarray, case_index: np.ndarray, slice_index: np.ndarray,
+                 settings: Mapping[str, Any]) -> np.ndarray:
+    """What follows K-means and the components' filter: the neighbouring slices' vote within the radius
+    ``settings["slice_vote"]`` (:func:`cldf.segment.context.vote_slices`; 0 or absent, none), then, when
+    ``settings["fill_holes"]`` is set, every mask's holes filled (:func:`cldf.segment.components.fill_holes`).
+
+    ``masks``: (N, H, W) binary masks; ``case_index``, ``slice_index``: int (N,). Returns bool (N, H, W).
+    """
+    voted = vote_slices(masks, case_index, slice_index, int(settings.get("slice_vote", 0))).astype(bool)
+    return fill_holes(voted) if settings.get("fill_holes", False) else voted
 
 
 def run_segmentation(

@@ -29,8 +29,7 @@ from cldf.data.slices import slice_case
 from cldf.io.errors import DataError
 from cldf.maps.cams import positive_probability
 from cldf.models.decoder import PixelDecoder
-from cldf.segment.cluster import prototypes_of, segment_batches
-from cldf.segment.context import vote_slices
+from cldf.segment.cluster import finish_masks, prototypes_of, segment_batches
 from cldf.segment.features import ComputedFeatures, GroupedFeatures, decoder_inputs
 from cldf.segment.train import check_feature_dim
 from cldf.store import SliceStore
@@ -108,7 +107,8 @@ def segment_case(m: CaseSegmenter, slices: Any, rows: np.ndarray) -> tuple[np.nd
     (labelled positive, or unlabelled with a probability at or above the gate); the others are empty. The
     labelled slices' features are conditioned on their label, the gated ones' on ``m.conditioning``; under
     ``scope: case`` one K-means clusters them all. With ``slice_vote`` (a radius above 0) in the clustering
-    settings, the segmented slices vote on each other's masks."""
+    settings, the segmented slices vote on each other's masks; with ``fill_holes`` their holes are filled
+    (:func:`cldf.segment.cluster.finish_masks`)."""
     rows = np.asarray(rows, dtype=np.int64)
     labels = np.asarray(slices.labels)[rows]
     probs = ClassifierProbs(m.classifier, slices, m.device, int(m.settings["batch_size"]))
@@ -126,8 +126,7 @@ def segment_case(m: CaseSegmenter, slices: Any, rows: np.ndarray) -> tuple[np.nd
                 out[[position[int(i)] for i in batch_ids]] = masks["CLDF"]
     segmented = np.isin(rows, targets)
     one_case = np.zeros(int(segmented.sum()), dtype=np.int64)
-    out[segmented] = vote_slices(out[segmented], one_case, np.asarray(slices.slice_index)[rows[segmented]],
-                                 int(m.cluster.get("slice_vote", 0)))
+    out[segmented] = finish_masks(out[segmented], one_case, np.asarray(slices.slice_index)[rows[segmented]], m.cluster)
     return out, segmented
 
 
