@@ -190,7 +190,8 @@ def finish_masks(masks: np.ndarray, case_index: np.ndarray, slice_index: np.ndar
 
     ``masks``: (N, H, W) binary masks; ``case_index``, ``slice_index``: int (N,). Returns bool (N, H, W).
     """
-    voted = vote_slices(masks, case_index, slice_index, int(settings.get("slice_vote", 0))).astype(bool)
+    radius = int(settings.get("slice_vote", 0))
+    voted = vote_slices(masks, case_index, slice_index, radius).astype(bool) if radius else np.asarray(masks, dtype=bool)
     return fill_holes(voted) if settings.get("fill_holes", False) else voted
 
 
