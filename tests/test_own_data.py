@@ -403,7 +403,8 @@ def test_pseudo_masks_and_predictions_of_whole_cases_in_each_scan_s_geometry(tmp
 
 def test_whole_case_masks_are_voted_over_neighbouring_slices_when_chosen(tmp_path: Path, one_thread) -> None:
     """With ``slice_vote`` in the clustering, a case's segmented slices (labelled and gated alike) vote on each
-    other's masks; the slices left empty stay empty."""
+    other's masks; the slices left empty stay empty. With ``fill_holes`` the masks' holes are filled (the
+    default k = 2 leaves none in this case, k = 3 with the "nearest" assignment leaves one)."""
     ds = _own(tmp_path)
     _write_labels(tmp_path, ["Synth_000,3,1", "Synth_000,0,0"])
     slices = SliceStore(_slice(tmp_path, ds))
@@ -418,6 +419,11 @@ def test_whole_case_masks_are_voted_over_neighbouring_slices_when_chosen(tmp_pat
     filled, _ = segment_case(dataclasses.replace(alone, cluster={**alone.cluster, "slice_vote": 1, "fill_holes": True}),
                              slices, rows)
     assert np.array_equal(filled.astype(bool), fill_holes(expected.astype(bool)))
+    three = dataclasses.replace(alone, cluster={**alone.cluster, "k": 3, "assign": "nearest"})  # its masks have a hole
+    unfilled, _ = segment_case(three, slices, rows)
+    filled, _ = segment_case(dataclasses.replace(three, cluster={**three.cluster, "fill_holes": True}), slices, rows)
+    assert np.array_equal(filled.astype(bool), fill_holes(unfilled.astype(bool)))
+    assert (filled.astype(bool) & ~unfilled.astype(bool)).any()
 
 
 def test_whole_case_masks_under_per_case_kmeans_cluster_labelled_and_gated_slices_together(tmp_path: Path, one_thread) -> None:
