@@ -13,10 +13,12 @@ from scipy.ndimage import gaussian_filter
 from skimage.filters import threshold_otsu
 
 import cldf.segment.cluster as cluster_module
+import cldf.segment.selection as selection_module
 import cldf.segment.supcon as supcon_module
 from cldf.segment.cluster import cluster_slices, prototypes_of, run_segmentation
 from cldf.segment.components import fill_holes, keep_components
 from cldf.segment.context import vote_slices
+from cldf.errors import PipelineError
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import StoredFeatures, decoder_inputs, input_channels, iter_feature_batches, upsample_features
 from cldf.segment.selection import activated, anchor_weights, select_pixels, select_stored
@@ -715,3 +717,15 @@ def test_the_vote_of_decoders_keeps_the_pixels_most_masks_hold():
     assert majority([a, b, c]).tolist() == [[[True, True, True, False]]]
     assert majority([a, b]).tolist() == [[[True, False, False, False]]]  # a tie drops the pixel
     assert majority([c]) is c
+
+
+def test_decoder_without_a_confident_anchor_says_so(toy, tmp_path, monkeypatch):
+    """Anchors that all weigh 0 (maps confident in no selected pixel) leave nothing to learn: each such batch
+    is skipped (the mean loss would divide by 0), and a decoder that took no step at all is an error that
+    says why, not an untrained decoder passed on to K-means."""
+    monkeypatch.setattr(selection_module, "anchor_weights", lambda cam, mg, labels, fg, bg, mode="fused": torch.zeros(fg.shape))
+    p = toy["paths"]
+    settings = {**SETTINGS, "selection": {**SETTINGS["selection"], "weight": "confidence"},
+                "decoder": {**SETTINGS["decoder"], "epochs": 1, "loss": "mean"}}
+    with pytest.raises(PipelineError, match="took no training step"):
+        train_decoder(p["slices"], StoredFeatures(p["features"], SIZE, CPU), p["cam"], p["mg"], settings, None, 3, 1000)

@@ -103,7 +103,8 @@ def _train_epoch(
 
     Per batch: at most ``max_foreground`` / ``max_background`` selected pixels are sampled and one step is
     taken on their supervised contrastive loss (foreground 1, background 0; each anchor weighted by the
-    selection's weights when it has them); a batch lacking either is skipped.
+    selection's weights when it has them); a batch lacking either, or whose sampled anchors all weigh 0, is
+    skipped.
     """
     losses: list[float] = []
     skipped = 0
@@ -119,6 +120,9 @@ def _train_epoch(
         x = torch.cat([_pixel_features(feats, fg_index), _pixel_features(feats, bg_index)])
         y = torch.cat([torch.ones(n_fg, dtype=torch.long), torch.zeros(n_bg, dtype=torch.long)]).to(source.device)
         w = None if weights is None else torch.cat([weights[fg_index], weights[bg_index]]).to(source.device)
+        if w is not None and float(w.sum()) <= 0:  # no anchor the maps are confident in: nothing to learn
+            skipped += 1
+            continue
         loss = supcon_loss(decoder(x), y, float(loss_settings["temperature"]), loss_settings.get("loss", "mean"), w)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -213,6 +217,10 @@ def train_decoder(
         losses.append(loss)
         skipped.append(n_skipped)
         steps += n_steps
+    if steps == 0:
+        raise PipelineError(f"the pixel decoder took no training step: no batch of the {len(ids)} training slices of "
+                            f"{slices_path} held selected foreground and background pixels with a weight above 0 "
+                            "(are the CAM and MG maps empty or constant?)")
     decoder.eval()
     prototypes, counts = _prototypes(decoder, source, ids)
     stats: dict[str, Any] = {
