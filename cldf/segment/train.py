@@ -132,6 +132,25 @@ def _train_epoch(
     return (float(np.mean(losses)) if losses else None), skipped, len(losses)
 
 
+def _train_epochs(decoder: PixelDecoder, optimizer: torch.optim.Optimizer, source: _Source, ids: np.ndarray,
+                  dec: Mapping[str, Any], seed: int) -> tuple[list[float | None], list[int], int]:
+    """``dec["epochs"]`` passes of :func:`_train_epoch`, each over ``ids`` in a seeded random order; the
+    decoder is left in eval mode. Returns (mean loss per epoch, skipped batches per epoch, optimiser steps)."""
+    generator = torch.Generator().manual_seed(seed)
+    order_rng = np.random.default_rng(seed)
+    losses, skipped, steps = [], [], 0
+    decoder.train()
+    for epoch in range(int(dec["epochs"])):
+        order = ids[order_rng.permutation(len(ids))]
+        loss, n_skipped, n_steps = _train_epoch(decoder, optimizer, source, order, dec, generator,
+                                                f"decoder epoch {epoch + 1}/{dec['epochs']}")
+        losses.append(loss)
+        skipped.append(n_skipped)
+        steps += n_steps
+    decoder.eval()
+    return losses, skipped, steps
+
+
 @torch.no_grad()
 def _prototypes(decoder: PixelDecoder, source: _Source, ids: np.ndarray) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Normalised mean embeddings (E,) of *all* selected foreground / background pixels of ``ids``, and
@@ -206,22 +225,11 @@ def train_decoder(
         decoder = PixelDecoder(features.dim, dec["widths"],
                                input_channels(features.channel_groups, dec.get("feature_layers"))).to(features.device)
     optimizer = _make_optimizer(decoder, dec["optimizer"], float(dec["lr"]))
-    generator = torch.Generator().manual_seed(seed)
-    order_rng = np.random.default_rng(seed)
-    losses, skipped, steps = [], [], 0
-    decoder.train()
-    for epoch in range(int(dec["epochs"])):
-        order = ids[order_rng.permutation(len(ids))]
-        loss, n_skipped, n_steps = _train_epoch(decoder, optimizer, source, order, dec, generator,
-                                                f"decoder epoch {epoch + 1}/{dec['epochs']}")
-        losses.append(loss)
-        skipped.append(n_skipped)
-        steps += n_steps
+    losses, skipped, steps = _train_epochs(decoder, optimizer, source, ids, dec, seed)
     if steps == 0:
         raise PipelineError(f"the pixel decoder took no training step: no batch of the {len(ids)} training slices of "
                             f"{slices_path} held selected foreground and background pixels with a weight above 0 "
                             "(are the CAM and MG maps empty or constant?)")
-    decoder.eval()
     prototypes, counts = _prototypes(decoder, source, ids)
     stats: dict[str, Any] = {
         "loss": losses, "skipped_batches": skipped, "steps": steps, "n_train_slices": int(len(ids)),
