@@ -719,7 +719,7 @@ def test_the_vote_of_decoders_keeps_the_pixels_most_masks_hold():
     assert majority([c]) is c
 
 
-def test_decoder_without_a_confident_anchor_says_so(toy, tmp_path, monkeypatch):
+def test_decoder_without_a_confident_anchor_says_so(toy, monkeypatch):
     """Anchors that all weigh 0 (maps confident in no selected pixel) leave nothing to learn: each such batch
     is skipped (the mean loss would divide by 0), and a decoder that took no step at all is an error that
     says why, not an untrained decoder passed on to K-means."""
