@@ -228,8 +228,8 @@ def train_decoder(
     losses, skipped, steps = _train_epochs(decoder, optimizer, source, ids, dec, seed)
     if steps == 0:
         raise PipelineError(f"the pixel decoder took no training step: no batch of the {len(ids)} training slices of "
-                            f"{slices_path} held selected foreground and background pixels with a weight above 0 "
-                            "(are the CAM and MG maps empty or constant?)")
+                            f"{slices_path} held both selected foreground and background pixels (with a weight above 0 "
+                            "under selection.weight: confidence); are the CAM and MG maps empty or constant?")
     prototypes, counts = _prototypes(decoder, source, ids)
     stats: dict[str, Any] = {
         "loss": losses, "skipped_batches": skipped, "steps": steps, "n_train_slices": int(len(ids)),
