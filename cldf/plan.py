@@ -119,8 +119,8 @@ class Plan(OwnData):
     def tune_settings(self) -> dict[str, Any]:
         """Settings of CLDF's decoder tuning (and of the ablation decoders, which reuse its choice)."""
         choices, rule = self.config["choices"], self.config["cldf"]["selection"]["threshold"]
-        grids = ("optimizer", "feature_layers", "cluster", "components", "slice_vote") + (("quantile",) if rule == "quantile" else ())
-        return {"cldf": self.cldf_settings(), "choices": {k: choices[k] for k in grids},
+        grids = ("optimizer", "feature_layers", "cluster", "components", "slice_vote", "epochs") + (("quantile",) if rule == "quantile" else ())
+        return {"cldf": self.cldf_settings(), "choices": {k: choices[k] for k in grids if k in choices},
                 "max_train_slices": self.config["features"]["max_train_slices"]}
 
     def segment_settings(self) -> dict[str, Any]:

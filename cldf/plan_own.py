@@ -103,7 +103,7 @@ class OwnData:
         if part == "tuning":
             default = {**decoder_candidates(grids, self.config["cldf"]["selection"]["threshold"])[0], **grids["cluster"][0],
                        "feature_layers": grids["feature_layers"][0], "min_component": grids["components"][0],
-                       "slice_vote": grids["slice_vote"][0]}
+                       "slice_vote": grids["slice_vote"][0], "epochs": self.config["cldf"]["decoder"]["epochs"]}
             return {"decoder": ["decoder" + tag, default]}
         return {name: [name + tag, grids[name][0]] for name in ("conditioning", "gate")}
 

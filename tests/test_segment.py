@@ -378,18 +378,43 @@ def test_tuning_reads_each_layer_set_and_gives_the_same_rows_with_more_workers(t
     grids = {"quantile": [0.8], "optimizer": [{"optimizer": "adam", "lr": 1e-2, "loss": "mean"},
                                               {"optimizer": "sgd", "lr": 1.0, "loss": "sum"}],
              "feature_layers": [["a", "b"], ["b"]], "cluster": [{"k": 2, "assign": "prototype"}], "components": [0.0, 1.0],
-             "slice_vote": [0, 1]}
+             "slice_vote": [0, 1], "epochs": [1]}
     runs = [tune_decoder(p["slices"], features, p["cam"], p["mg"], base, grids, tmp_path / f"d{w}.pt", 3, 1000, workers=w)
             for w in (1, 2)]
     assert runs[0] == runs[1]
-    assert [json.loads(r["value"])["feature_layers"] for r in runs[0]] == [["a", "b"]] * 8 + [["b"]] * 4
-    assert [json.loads(r["value"])["slice_vote"] for r in runs[0]] == [0, 1] * 6
+    values = [json.loads(r["value"]) for r in runs[0]]
+    assert [v["feature_layers"] for v in values[:12]] == [["a", "b"]] * 8 + [["b"]] * 4
+    assert [v["slice_vote"] for v in values] == [0, 1] * 8
+    assert [v["epochs"] for v in values] == [2] * 12 + [1] * 4  # the best of 2 epochs, then scored after 1
     best = json.loads(next(r["value"] for r in runs[0][:8] if r["val_dice"] == max(x["val_dice"] for x in runs[0][:8])))
-    assert json.loads(runs[0][8]["value"])["optimizer"] == best["optimizer"]  # the layer set is tried on the best
-    one, two = (load_decoder(tmp_path / f"d{w}.pt", CPU)[0] for w in (1, 2))
-    assert all(torch.equal(a, b) for a, b in zip(one.state_dict().values(), two.state_dict().values()))
+    assert values[8]["optimizer"] == best["optimizer"]  # the layer set is tried on the best
+    top = values[int(np.argmax([r["val_dice"] for r in runs[0][:12]]))]
+    assert all({k: v[k] for k in ("optimizer", "feature_layers")} == {k: top[k] for k in ("optimizer", "feature_layers")}
+               for v in values[12:])
+    assert len({r["val_dice"] for r in runs[0][12:]} - {r["val_dice"] for r in runs[0][:12]}) > 0  # other weights
+    one, two = (load_decoder(tmp_path / f"d{w}.pt", CPU) for w in (1, 2))
+    assert all(torch.equal(a, b) for a, b in zip(one[0].state_dict().values(), two[0].state_dict().values()))
     chosen = json.loads(next(r["value"] for r in runs[0] if r["chosen"]))
-    assert one.channels == (list(range(10)) if chosen["feature_layers"] == ["a", "b"] else [6, 7, 8, 9])
+    assert one[0].channels == (list(range(10)) if chosen["feature_layers"] == ["a", "b"] else [6, 7, 8, 9])
+    assert one[1]["settings"]["decoder"]["epochs"] == chosen["epochs"]
+
+
+def test_a_decoder_kept_after_fewer_epochs_is_the_one_trained_for_them(tmp_path):
+    from cldf.segment.train import train_decoder_epochs
+
+    p = _make_toy(tmp_path)["paths"]
+    features = StoredFeatures(p["features"], SIZE, CPU)
+    settings = {**SETTINGS, "decoder": {**SETTINGS["decoder"], "epochs": 2}}
+    _, alone = train_decoder(p["slices"], features, p["cam"], p["mg"], settings, None, 3, 1000)
+    built = train_decoder_epochs(p["slices"], features, p["cam"], p["mg"], settings, 3, 1000, [3, 2])
+    assert sorted(built) == [2, 3]
+    (_, kept), (_, longer) = built[2](), built[3]()
+    for name in alone["state_dict"]:
+        assert torch.equal(kept["state_dict"][name], alone["state_dict"][name])
+        assert not torch.equal(longer["state_dict"][name], alone["state_dict"][name])
+    assert all(torch.equal(kept["prototypes"][k], alone["prototypes"][k]) for k in ("foreground", "background"))
+    assert kept["stats"] == alone["stats"] and kept["settings"] == alone["settings"]
+    assert longer["settings"]["decoder"]["epochs"] == 3 and len(longer["stats"]["loss"]) == 3
 
 
 def test_kmeans_on_embeddings_beats_thresholded_cam(toy):

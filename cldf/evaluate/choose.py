@@ -24,7 +24,7 @@ from cldf.models.checkpoint import save_checkpoint
 from cldf.segment.cluster import finish_masks, prototypes_of, segment_slices
 from cldf.segment.components import keep_components
 from cldf.segment.features import ComputedFeatures, StoredFeatures, decoder_inputs
-from cldf.segment.train import load_decoder, train_decoder
+from cldf.segment.train import load_decoder, train_decoder_epochs
 from cldf.store import MapStore, SliceStore, read_ground_truth
 
 LOG = logging.getLogger("cldf.choose")
@@ -32,12 +32,12 @@ LOG = logging.getLogger("cldf.choose")
 
 def decoder_settings(base: Mapping[str, Any], candidate: Mapping[str, Any], mode: str) -> dict[str, Any]:
     """Decoder training settings: the config's ``cldf`` selection and decoder, with a tuned candidate
-    (``optimizer``, ``lr``, ``loss``, the ``feature_layers`` it reads when tuned, and ``quantile`` under the
-    quantile rule) and the selection ``mode`` filled in."""
+    (``optimizer``, ``lr``, ``loss``, the ``feature_layers`` it reads and its ``epochs`` when tuned, and ``quantile``
+    under the quantile rule) and the selection ``mode`` filled in."""
     selection = {**base["selection"], "mode": mode}
     if "quantile" in candidate:
         selection["quantile"] = float(candidate["quantile"])
-    decoder = {**base["decoder"], **{k: candidate[k] for k in ("optimizer", "lr", "loss", "feature_layers")
+    decoder = {**base["decoder"], **{k: candidate[k] for k in ("optimizer", "lr", "loss", "feature_layers", "epochs")
                                      if k in candidate}}
     return {"selection": selection, "decoder": decoder}
 
@@ -72,17 +72,20 @@ def tune_decoder(
 
     The candidates are the optimiser (and quantile) grid, reading the first entry of
     ``grids["feature_layers"]``; then the best of them reads each other entry (one decoder more per entry,
-    not one per combination). ``features`` holds every tapped layer (:class:`StoredFeatures`, maybe with
-    the image channels); a decoder reads its own layers' channels. Up to ``workers`` candidates train at
-    once, each in one thread of its own, so the rows and the decoder do not depend on ``workers``.
+    not one per combination); then the best of all is also scored after each count of ``grids["epochs"]``
+    (no decoder more: every candidate trains for the most epochs of ``base["decoder"]["epochs"]`` and that grid,
+    is scored after ``base["decoder"]["epochs"]`` and keeps its weights after each other count).
+    ``features`` holds every tapped layer (:class:`StoredFeatures`, maybe with the image channels); a decoder
+    reads its own layers' channels. Up to ``workers`` candidates train at once, each in one thread of its own,
+    so the rows and the decoder do not depend on ``workers``.
     """
     slices = SliceStore(slices_path)
     ids, gt, _ = val_positives(slices, slices_path)
     where = slices.case_index[ids], slices.slice_index[ids]
+    first = int(base["decoder"]["epochs"])
+    counts = sorted({first, *(int(c) for c in grids.get("epochs", []))})
 
-    def evaluate(candidate: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], list[tuple[dict[str, Any], float]]]:
-        decoder, checkpoint = train_decoder(slices_path, features, cam_path, mg_path,
-                                            decoder_settings(base, candidate, "fused"), None, seed, cap)
+    def score(candidate: dict[str, Any], decoder, checkpoint) -> Scored:
         rows = []
         for clustering in grids["cluster"]:
             unfilled = {**cluster_settings(base["cluster"], clustering), "fill_holes": False}
@@ -94,18 +97,33 @@ def tune_decoder(
                                  mean_dice(finish_masks(kept, *where, {**base["cluster"], "slice_vote": radius}), gt)))
         return candidate, checkpoint, rows
 
+    def evaluate(candidate: dict[str, Any]) -> tuple[Scored, dict[int, Any]]:
+        built = train_decoder_epochs(slices_path, features, cam_path, mg_path,
+                                     decoder_settings(base, candidate, "fused"), seed, cap, counts)
+        return score({**candidate, "epochs": first}, *built[first]()), built
+
+    def rescore(count: int) -> Scored:
+        return score({**results[top][0], "epochs": count}, *trained[top][count]())
+
     layer_sets = [list(layers) for layers in grids.get("feature_layers", [])]
     reads = {"feature_layers": layer_sets[0]} if layer_sets else {}
     with ThreadPoolExecutor(max(1, int(workers))) as pool:
-        results = list(pool.map(evaluate, [{**c, **reads} for c in decoder_candidates(grids, base["selection"]["threshold"])]))
-        best = results[_best(results)]
-        results += list(pool.map(evaluate, [{**best[0], "feature_layers": layers} for layers in layer_sets[1:]]))
+        done = list(pool.map(evaluate, [{**c, **reads} for c in decoder_candidates(grids, base["selection"]["threshold"])]))
+        best = done[_best([r for r, _ in done])][0][0]
+        done += list(pool.map(evaluate, [{**best, "feature_layers": layers} for layers in layer_sets[1:]]))
+        results, trained = [r for r, _ in done], [t for _, t in done]
+        top = _best(results)
+        results += list(pool.map(rescore, [c for c in counts if c != first]))
     grid = [entry for _, _, rows in results for entry, _ in rows]
     scores = [score for _, _, rows in results for _, score in rows]
-    for entry, score in zip(grid, scores):
-        LOG.info("decoder candidate %s: validation Dice %.4f", encode(entry), score)
+    for entry, value in zip(grid, scores):
+        LOG.info("decoder candidate %s: validation Dice %.4f", encode(entry), value)
     save_checkpoint(out, results[_best(results)][1])
     return choice_rows("decoder", grid, scores)
+
+
+Scored = tuple[dict[str, Any], dict[str, Any], list[tuple[dict[str, Any], float]]]
+"""A candidate, its decoder's checkpoint and its rows (each clustering's candidate and validation Dice)."""
 
 
 def _best(results: list[tuple[Any, Any, list[tuple[dict[str, Any], float]]]]) -> int:

@@ -7,10 +7,12 @@ background prototypes are accumulated as running sums.
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +55,10 @@ class _Source:
         missing, fg, bg, weights = select_stored(self.slices, self.cam, self.mg, missing, self.selection, self._selected)
         for k, sid in enumerate(missing):
             self._selected[int(sid)] = (fg[k], bg[k], None if weights is None else weights[k].half())
+
+    def forget(self) -> None:
+        """Drop the kept pixel selections (the next batches recompute them)."""
+        self._selected.clear()
 
     def batches(self, ids: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor | None]]:
@@ -133,22 +139,38 @@ def _train_epoch(
 
 
 def _train_epochs(decoder: PixelDecoder, optimizer: torch.optim.Optimizer, source: _Source, ids: np.ndarray,
-                  dec: Mapping[str, Any], seed: int) -> tuple[list[float | None], list[int], int]:
-    """``dec["epochs"]`` passes of :func:`_train_epoch`, each over ``ids`` in a seeded random order; the
-    decoder is left in eval mode. Returns (mean loss per epoch, skipped batches per epoch, optimiser steps)."""
+                  dec: Mapping[str, Any], seed: int, counts: Sequence[int]) -> dict[int, _Snapshot]:
+    """``max(counts)`` passes of :func:`_train_epoch`, each over ``ids`` in a seeded random order; the decoder's
+    weights after each count of ``counts`` (the weights training for that many epochs gives: nothing in an
+    epoch depends on how many follow). The decoder is left in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     order_rng = np.random.default_rng(seed)
-    losses, skipped, steps = [], [], 0
+    losses, skipped, steps, kept = [], [], 0, {}
+    total = max(int(c) for c in counts)
     decoder.train()
-    for epoch in range(int(dec["epochs"])):
+    for epoch in range(total):
         order = ids[order_rng.permutation(len(ids))]
         loss, n_skipped, n_steps = _train_epoch(decoder, optimizer, source, order, dec, generator,
-                                                f"decoder epoch {epoch + 1}/{dec['epochs']}")
+                                                f"decoder epoch {epoch + 1}/{total}")
         losses.append(loss)
         skipped.append(n_skipped)
         steps += n_steps
+        if epoch + 1 in counts:
+            state = {k: v.detach().cpu().clone() for k, v in decoder.state_dict().items()}
+            kept[epoch + 1] = _Snapshot(state, list(losses), list(skipped), steps)
     decoder.eval()
-    return losses, skipped, steps
+    return kept
+
+
+@dataclass
+class _Snapshot:
+    """The decoder's weights after some epochs: ``state`` (its state dict, on the CPU), ``losses`` (mean loss
+    per epoch), ``skipped`` (skipped batches per epoch), ``steps`` (optimiser steps)."""
+
+    state: dict[str, torch.Tensor]
+    losses: list[float | None]
+    skipped: list[int]
+    steps: int
 
 
 @torch.no_grad()
@@ -212,6 +234,26 @@ def train_decoder(
     ``skipped_batches`` (per epoch), ``n_train_slices``, ``n_foreground_pixels``, ``n_background_pixels``,
     ``positive_slices_without_foreground``.
     """
+    epochs = int(settings["decoder"]["epochs"])
+    decoder, checkpoint = train_decoder_epochs(slices_path, features, cam_path, mg_path, settings, seed, cap, [epochs])[epochs]()
+    if out is not None:
+        save_checkpoint(out, checkpoint)
+    return decoder, checkpoint
+
+
+def train_decoder_epochs(
+    slices_path: str | os.PathLike,
+    features: StoredFeatures,
+    cam_path: str | os.PathLike | None,
+    mg_path: str | os.PathLike | None,
+    settings: Mapping[str, Any],
+    seed: int,
+    cap: int,
+    counts: Sequence[int],
+) -> dict[int, Callable[[], tuple[PixelDecoder, dict[str, Any]]]]:
+    """One training of :func:`train_decoder` for ``max(counts)`` epochs (``settings["decoder"]["epochs"]`` is
+    not read); for each count of ``counts``, a function that builds the decoder and checkpoint training for that
+    many epochs gives (its ``settings`` naming that count; its prototypes computed only when it is called)."""
     selection, dec = settings["selection"], settings["decoder"]
     slices = SliceStore(slices_path)
     used = MODE_MAPS[selection["mode"]]
@@ -225,25 +267,43 @@ def train_decoder(
         decoder = PixelDecoder(features.dim, dec["widths"],
                                input_channels(features.channel_groups, dec.get("feature_layers"))).to(features.device)
     optimizer = _make_optimizer(decoder, dec["optimizer"], float(dec["lr"]))
-    losses, skipped, steps = _train_epochs(decoder, optimizer, source, ids, dec, seed)
-    if steps == 0:
+    snapshots = _train_epochs(decoder, optimizer, source, ids, dec, seed, [int(c) for c in counts])
+    if snapshots[max(snapshots)].steps == 0:
         raise PipelineError(f"the pixel decoder took no training step: no batch of the {len(ids)} training slices of "
                             f"{slices_path} held both selected foreground and background pixels (with a weight above 0 "
                             "under selection.weight: confidence); are the CAM and MG maps empty or constant?")
+
+    lock = threading.Lock()  # the functions share ``source``: one builds at a time
+
+    def build(count: int) -> tuple[PixelDecoder, dict[str, Any]]:
+        snapshot = snapshots[count]
+        with lock:
+            built = copy.deepcopy(decoder)
+            built.load_state_dict(snapshot.state)
+            built.eval()
+            checkpoint = _checkpoint(built, source, ids, {**settings, "decoder": {**dec, "epochs": count}}, snapshot, seed)
+            source.forget()  # these functions may be kept a while: the selection is recomputed by the next call
+        return built, checkpoint
+
+    return {count: functools.partial(build, count) for count in snapshots}
+
+
+def _checkpoint(decoder: PixelDecoder, source: _Source, ids: np.ndarray, settings: Mapping[str, Any],
+                snapshot: _Snapshot, seed: int) -> dict[str, Any]:
+    """The checkpoint dict of :func:`train_decoder` for a trained ``decoder`` (its prototypes computed here)."""
     prototypes, counts = _prototypes(decoder, source, ids)
     stats: dict[str, Any] = {
-        "loss": losses, "skipped_batches": skipped, "steps": steps, "n_train_slices": int(len(ids)),
-        "n_foreground_pixels": counts["foreground"], "n_background_pixels": counts["background"],
+        "loss": snapshot.losses, "skipped_batches": snapshot.skipped, "steps": snapshot.steps,
+        "n_train_slices": int(len(ids)), "n_foreground_pixels": counts["foreground"],
+        "n_background_pixels": counts["background"],
         "positive_slices_without_foreground": counts["positive_slices_without_foreground"],
     }
-    checkpoint = {
+    return {
         "kind": CHECKPOINT_KIND, "settings": {"widths": decoder.widths, "channels": decoder.channels, **_plain(settings)},
-        "in_channels": features.dim, "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
+        "in_channels": source.features.dim,
+        "state_dict": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
         "prototypes": prototypes, "seed": int(seed), "stats": stats,
     }
-    if out is not None:
-        save_checkpoint(out, checkpoint)
-    return decoder, checkpoint
 
 
 def _plain(value: Any) -> Any:
