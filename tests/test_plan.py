@@ -116,9 +116,9 @@ def test_each_step_gets_only_the_settings_it_depends_on() -> None:
     assert plan.map_settings("cams/layercam_layers")["rows"] == "all"  # CLDF starts from LayerCAM
     assert plan.map_settings("cams/scorecam")["rows"] == "evaluation"  # a baseline only
     assert set(plan.map_settings("features")) == {"timesteps", "layers", "batch_size", "max_train_slices"}
-    assert set(plan.tune_settings()["choices"]) == {"quantile", "optimizer", "feature_layers", "cluster", "components", "slice_vote"}  # quantile selection
+    assert set(plan.tune_settings()["choices"]) == {"quantile", "optimizer", "feature_layers", "cluster", "components", "slice_vote", "epochs"}  # quantile selection
     by_otsu = _plan(cldf={"selection": {"threshold": "otsu"}})
-    assert set(by_otsu.tune_settings()["choices"]) == {"optimizer", "feature_layers", "cluster", "components", "slice_vote"}  # Otsu selection: no quantile grid
+    assert set(by_otsu.tune_settings()["choices"]) == {"optimizer", "feature_layers", "cluster", "components", "slice_vote", "epochs"}  # Otsu selection: no quantile grid
     assert set(plan.unlabelled_settings()["choices"]) == {"conditioning", "gate"}
     changed = _plan(choices={"layercam_layers": [["layer2"]]})
     for name in cam_methods():
