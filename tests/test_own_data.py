@@ -218,7 +218,7 @@ def test_plan_of_a_dataset_without_masks_leaves_evaluation_out_and_gives_the_cho
     assert plan.given_choices("tuning", "layercam") == {"decoder": [
         "decoder", {**grids["optimizer"][0], "quantile": grids["quantile"][0], **grids["cluster"][0],
                     "feature_layers": grids["feature_layers"][0], "min_component": grids["components"][0],
-                    "slice_vote": grids["slice_vote"][0]}]}
+                    "slice_vote": grids["slice_vote"][0], "epochs": config["cldf"]["decoder"]["epochs"]}]}
     assert plan.given_choices("unlabelled", "amecam")["gate"] == ["gate@amecam", grids["gate"][0]]
     assert plan.given_choices("layers", "layercam") == {"layers:layercam": ["layers:layercam", grids["layercam_layers"][0]]}
     assert plan.nnunet_settings("own")["folder"].endswith("own/nnunet/Dataset501_own")
