@@ -95,11 +95,14 @@ def test_every_choice_is_recorded_with_its_grid(work: Path) -> None:
     assert counts["layers:layercam"] == len(grids["layercam_layers"])
     assert counts["intensity"] == 2 * 4  # 4 modalities, bright or dark
     quantiles = len(grids["quantile"]) if CONFIG["cldf"]["selection"]["threshold"] == "quantile" else 1
-    # the optimiser (and quantile) grid reads the first layer set; its best then reads each other set
-    decoders = quantiles * len(grids["optimizer"]) + len(grids["feature_layers"]) - 1
+    # the optimiser (and quantile) grid reads the first layer set; its best then reads each other set; the
+    # best of all is then scored after each other epoch count (no decoder more)
+    first = CONFIG["cldf"]["decoder"]["epochs"]
+    decoders = quantiles * len(grids["optimizer"]) + len(grids["feature_layers"]) - 1 + len(set(grids["epochs"]) - {first})
     assert counts["decoder"] == decoders * len(grids["cluster"]) * len(grids["components"]) * len(grids["slice_vote"])
-    tried = [json.loads(v)["feature_layers"] for v in selection[selection.choice == "decoder"].value]
-    assert [list(x) for x in dict.fromkeys(map(tuple, tried))] == grids["feature_layers"]
+    tried = [json.loads(v) for v in selection[selection.choice == "decoder"].value]
+    assert [list(x) for x in dict.fromkeys(tuple(v["feature_layers"]) for v in tried)] == grids["feature_layers"]
+    assert list(dict.fromkeys(v["epochs"] for v in tried)) == [first, *sorted(set(grids["epochs"]) - {first})]
     assert counts["conditioning"] == len(grids["conditioning"]) and counts["gate"] == len(grids["gate"])
     assert (selection.groupby("choice").chosen.sum() == 1).all()
     for choice, frame in selection.groupby("choice"):
