@@ -126,8 +126,8 @@ Scored = tuple[dict[str, Any], dict[str, Any], list[tuple[dict[str, Any], float]
 """A candidate, its decoder's checkpoint and its rows (each clustering's candidate and validation Dice)."""
 
 
-def _best(results: list[tuple[Any, Any, list[tuple[dict[str, Any], float]]]]) -> int:
-    """Index of the ``(candidate, checkpoint, rows)`` holding the best validation Dice of its rows (the first
+def _best(results: list[Scored]) -> int:
+    """Index of the :data:`Scored` holding the best validation Dice of its rows (the first
     on ties; the first when none is finite)."""
     top = [max((s if np.isfinite(s) else -np.inf for _, s in rows), default=-np.inf) for _, _, rows in results]
     return int(np.argmax(top))
