@@ -168,13 +168,15 @@ device = torch.device("cpu")
 slices = SliceStore(p["slices"])
 if step == "decoder":  # as `cldf decoder` (rule decoder_ablation) calls it
     from cldf.segment.train import train_decoder
-    features = decoder_inputs(StoredFeatures(p["features"], slices.image_size, device), slices, p["with_image"])
+    features = decoder_inputs(StoredFeatures(p["features"], slices.image_size, device), slices, p["with_image"],
+                              p["image_context"])
     train_decoder(p["slices"], features, p["cam"], p["mg"], p["settings"], p["out"], p["seed"], p["cap"])
 else:  # as `cldf segment` (rule segment_shard) calls it, labelled protocol
     from cldf.segment.cluster import run_segmentation
     cdm = load_model(p["cdm"], device, "cdm", {"image_size": slices.image_size, "in_channels": slices.channels})
     features = decoder_inputs(ComputedFeatures(cdm, slices, p["features_settings"], "label", p["seed"], device,
-                                               MapStore(p["probs"])), slices, p["with_image"])
+                                               MapStore(p["probs"])), slices, p["with_image"],
+                              p["image_context"])
     ids = np.asarray(p["ids"], dtype=np.int64)
     run_segmentation(p["slices"], features, p["decoders"], p["settings"], ids, slices.labels[ids] != 0, p["out"],
                      device, p["seed"])
@@ -215,7 +217,8 @@ def memory_scaling(workdir: Path, dataset: str, cfg: dict, scratch: Path) -> dic
     seg = plan.segment_settings()
     n_train = len(training_rows(slices, int(tune["max_train_slices"]), seed))
     test = slices.indices(split="test")
-    common = {"slices": slices_path, "seed": seed, "with_image": bool(cfg["cldf"]["decoder"]["with_image"])}
+    common = {"slices": slices_path, "seed": seed, "with_image": bool(cfg["cldf"]["decoder"]["with_image"]),
+              "image_context": int(cfg["cldf"]["decoder"]["image_context"])}
     out = {}
     for frac, tag in ((0.25, "1x"), (0.5, "2x"), (1.0, "4x")):
         cap = max(1, int(round(n_train * frac)))

@@ -127,7 +127,7 @@ class Plan(OwnData):
         """What segmentation with on-the-fly features depends on."""
         features = self.config["features"]
         return {"features": {k: features[k] for k in ("timesteps", "layers")}, "cluster": self.config["cldf"]["cluster"],
-                "with_image": self.config["cldf"]["decoder"]["with_image"]}
+                **{k: self.config["cldf"]["decoder"][k] for k in ("with_image", "image_context")}}
 
     def unlabelled_settings(self) -> dict[str, Any]:
         choices = self.config["choices"]

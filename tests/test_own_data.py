@@ -360,7 +360,8 @@ def _segmenter(gate: float) -> CaseSegmenter:
     cdm = build_model("cdm", {"channels": [8, 16], "attention_levels": [False, False], "num_res_blocks": 1,
                               "num_head_channels": 8}, 4)
     classifier = build_model("cam_classifier", {"widen_factor": 0.25}, 4)
-    settings = {"features": {"timesteps": [1], "layers": ["up_blocks.0"]}, "with_image": False, "batch_size": 4}
+    settings = {"features": {"timesteps": [1], "layers": ["up_blocks.0"]}, "with_image": False, "image_context": 0,
+                "batch_size": 4}
     dim = 16  # channels of the CDM's up_blocks.0 (checked against the checkpoint's in_channels)
     decoder = PixelDecoder(dim, [16, 16]).eval()
     prototypes = {"foreground": torch.nn.functional.normalize(torch.randn(16), dim=0),

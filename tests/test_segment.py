@@ -336,6 +336,29 @@ def test_iter_feature_batches_follows_requested_order(toy):
     assert torch.allclose(feats[:, :6], upsample_features([low], SIZE))
 
 
+def test_the_decoder_sees_the_image_channels_of_neighbouring_slices_of_the_same_case(tmp_path):
+    """2.5-D input (``cldf.decoder.image_context``): each pixel carries the images of slices z - r .. z + r
+    of its own case, its own in the middle; a neighbour the store lacks repeats the nearest one it has."""
+    # case 0: slices z = 0, 1, 2, 4 (3 missing); case 1: z = 0, 1. Slice k's image is the constant k.
+    case_index, slice_index = [0, 0, 0, 0, 1, 1], [0, 1, 2, 4, 0, 1]
+    images = np.broadcast_to(np.arange(6, dtype=np.float32)[:, None, None, None], (6, 1, 4, 4)).copy()
+    path = write_slice_store(tmp_path / "s", images, [1] * 6, case_index, ["train", "train"],
+                             np.zeros((6, 4, 4), bool), slice_index=slice_index)
+    slices = SliceStore(path)
+    ids = np.arange(6, dtype=np.int64)
+    write_map_store(tmp_path / "f", ids, {"settings": {"layers": ["a"]}}, layer_0=np.zeros((6, 2, 2, 2), np.float16))
+    features = StoredFeatures(tmp_path / "f", 4, CPU)
+    plain = decoder_inputs(features, slices, True)
+    wide = decoder_inputs(features, slices, True, context=2)
+    assert (plain.dim, wide.dim) == (3, 7) and wide.channel_groups == [("a", 2), ("image", 5)]
+    batch = torch.cat([f for _, f in wide.batches(ids[::-1].copy(), 4)])[:, 2:, 0, 0]
+    expected = [[4, 4, 5, 5, 5], [4, 4, 4, 5, 5], [2, 3, 3, 3, 3], [0, 1, 2, 2, 3], [0, 0, 1, 2, 2], [0, 0, 0, 1, 2]]
+    assert batch.tolist() == expected
+    assert torch.equal(torch.cat([f for _, f in plain.batches(ids, 6)])[:, 2:, 0, 0], torch.arange(6.0)[:, None])
+    with pytest.raises(ValueError, match="image context"):
+        decoder_inputs(features, slices, True, context=-1)
+
+
 def test_training_stats_and_checkpoint(toy):
     stats = toy["stats"]
     assert stats["n_train_slices"] == 28 and stats["steps"] > 0

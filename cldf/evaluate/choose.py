@@ -170,7 +170,7 @@ def choose_unlabelled(
     masks = {}
     for conditioning in grids["conditioning"]:
         features = decoder_inputs(ComputedFeatures(cdm, slices, settings["features"], conditioning, seed, device, probs),
-                                  slices, settings["with_image"])
+                                  slices, settings["with_image"], settings["image_context"])
         masks[conditioning] = segment_ids(features, decoder, checkpoint, slices, ids, cluster, seed)
     scores = [mean_dice(masks[c][positive], gt[positive]) for c in grids["conditioning"]]
     rows = choice_rows("conditioning", grids["conditioning"], scores)

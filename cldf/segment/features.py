@@ -203,25 +203,45 @@ class ComputedFeatures:
 
 
 class WithImage:
-    """A feature source whose pixels also carry the slice's image channels: (B, D + C, H, W).
+    """A feature source whose pixels also carry image channels: (B, D + (2r + 1) C, H, W).
 
     The image intensities are features like the diffusion ones: the decoder may learn that a channel's
-    brightness matters; no threshold is imposed on them. When the source holds its slices in memory
-    (``held_ids``), their images are read once too (up to ``cache_bytes``), so the epochs of decoder
-    training and the candidates of its tuning do not re-read them batch by batch.
+    brightness matters; no threshold is imposed on them. With a ``context`` radius r above 0 each pixel
+    also carries the image channels of slices z - r .. z + r of its case (in that order, the slice's own in
+    the middle; a neighbour outside the store repeats the nearest slice that is in it), 2.5-D context the
+    decoder may learn from. When the source holds its slices in memory (``held_ids``), their images are
+    read once too (up to ``cache_bytes``), so the epochs of decoder training and the candidates of its
+    tuning do not re-read them batch by batch.
     """
 
-    def __init__(self, source: StoredFeatures | ComputedFeatures, slices: SliceStore,
+    def __init__(self, source: StoredFeatures | ComputedFeatures, slices: SliceStore, context: int = 0,
                  cache_bytes: int = CACHE_BYTES) -> None:
-        self.source, self.slices = source, slices
+        if int(context) != context or context < 0:
+            raise ValueError(f"the image context is a number of slices >= 0, got {context}")
+        self.source, self.slices, self.context = source, slices, int(context)
         self.device = source.device
-        self.dim = source.dim + slices.channels
-        self.channel_groups: ChannelGroups = [*source.channel_groups, ("image", slices.channels)]
+        self.dim = source.dim + slices.channels * (2 * self.context + 1)
+        self.channel_groups: ChannelGroups = [*source.channel_groups, ("image", self.dim - source.dim)]
+        self._row = {(int(c), int(z)): r for r, (c, z) in enumerate(zip(slices.case_index, slices.slice_index))}
         held = getattr(source, "held_ids", None)
         self._images: tuple[dict[int, int], np.ndarray] | None = None
-        if held is not None and len(held) * slices.channels * slices.image_size**2 * 4 <= cache_bytes:
-            ids = np.sort(held)
-            self._images = ({int(s): r for r, s in enumerate(ids)}, slices.images(ids))
+        if held is not None:
+            ids = np.unique(self._window(np.asarray(held, dtype=np.int64)))
+            if len(ids) * slices.channels * slices.image_size**2 * 4 <= cache_bytes:
+                self._images = ({int(s): r for r, s in enumerate(ids)}, slices.images(ids))
+
+    def _window(self, ids: np.ndarray) -> np.ndarray:
+        """int64 (B, 2r + 1): the rows of slices z - r .. z + r of each slice's case (the nearest held one
+        towards the slice where a neighbour is not in the store)."""
+        out = np.repeat(ids[:, None], 2 * self.context + 1, axis=1)
+        for b, s in enumerate(ids):
+            c, z = int(self.slices.case_index[s]), int(self.slices.slice_index[s])
+            for side in (-1, 1):
+                last = int(s)
+                for d in range(1, self.context + 1):
+                    last = self._row.get((c, z + side * d), last)
+                    out[b, self.context + side * d] = last
+        return out
 
     def _read_images(self, ids: np.ndarray) -> np.ndarray:
         """float32 (B, C, H, W) images of ``ids``, from memory when held."""
@@ -229,9 +249,15 @@ class WithImage:
             return self._images[1][[self._images[0][int(s)] for s in ids]]
         return self.slices.images(ids)
 
+    def _context_images(self, ids: np.ndarray) -> np.ndarray:
+        """float32 (B, (2r + 1) C, H, W): the images of each slice's window, slice by slice along it."""
+        rows, where = np.unique(self._window(np.asarray(ids, dtype=np.int64)), return_inverse=True)
+        images = self._read_images(rows)[where.reshape(-1)]
+        return images.reshape(len(ids), -1, *images.shape[2:])
+
     def batches(self, slice_ids: Sequence[int] | np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for ids, feats in self.source.batches(slice_ids, batch_size):
-            images = torch.from_numpy(self._read_images(ids)).to(feats.device)
+            images = torch.from_numpy(self._context_images(ids)).to(feats.device)
             yield ids, torch.cat([feats, images], dim=1)
 
 
@@ -254,6 +280,7 @@ class GroupedFeatures:
                 yield from source.batches(mine, batch_size)
 
 
-def decoder_inputs(source: StoredFeatures | ComputedFeatures, slices: SliceStore, with_image: bool):
-    """What the pixel decoder sees: the diffusion features, with the image channels when ``with_image``."""
-    return WithImage(source, slices) if with_image else source
+def decoder_inputs(source: StoredFeatures | ComputedFeatures, slices: SliceStore, with_image: bool, context: int = 0):
+    """What the pixel decoder sees: the diffusion features, with the image channels of each slice (and of the
+    ``context`` slices on each side of it) when ``with_image``."""
+    return WithImage(source, slices, context) if with_image else source

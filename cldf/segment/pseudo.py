@@ -97,7 +97,7 @@ class CaseSegmenter:
 
     def features(self, slices: Any, conditioning: str, probs: ClassifierProbs):
         source = ComputedFeatures(self.cdm, slices, self.settings["features"], conditioning, self.seed, self.device, probs)
-        features = decoder_inputs(source, slices, self.settings["with_image"])
+        features = decoder_inputs(source, slices, self.settings["with_image"], self.settings["image_context"])
         check_feature_dim(self.checkpoint, self.decoder_path, features.dim)
         return features
 
