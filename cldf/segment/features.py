@@ -222,7 +222,8 @@ class WithImage:
         self.device = source.device
         self.dim = source.dim + slices.channels * (2 * self.context + 1)
         self.channel_groups: ChannelGroups = [*source.channel_groups, ("image", self.dim - source.dim)]
-        self._row = {(int(c), int(z)): r for r, (c, z) in enumerate(zip(slices.case_index, slices.slice_index))}
+        self._row = ({(int(c), int(z)): r for r, (c, z) in enumerate(zip(slices.case_index, slices.slice_index))}
+                     if self.context else {})  # (case, slice index) -> row, for the neighbours' lookup
         held = getattr(source, "held_ids", None)
         self._images: tuple[dict[int, int], np.ndarray] | None = None
         if held is not None:
@@ -251,6 +252,8 @@ class WithImage:
 
     def _context_images(self, ids: np.ndarray) -> np.ndarray:
         """float32 (B, (2r + 1) C, H, W): the images of each slice's window, slice by slice along it."""
+        if not self.context:  # the slice's own images: no window to look up
+            return self._read_images(ids)
         rows, where = np.unique(self._window(np.asarray(ids, dtype=np.int64)), return_inverse=True)
         images = self._read_images(rows)[where.reshape(-1)]
         return images.reshape(len(ids), -1, *images.shape[2:])
