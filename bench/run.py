@@ -168,15 +168,13 @@ device = torch.device("cpu")
 slices = SliceStore(p["slices"])
 if step == "decoder":  # as `cldf decoder` (rule decoder_ablation) calls it
     from cldf.segment.train import train_decoder
-    features = decoder_inputs(StoredFeatures(p["features"], slices.image_size, device), slices, p["with_image"],
-                              p["image_context"])
+    features = decoder_inputs(StoredFeatures(p["features"], slices.image_size, device), slices, p)
     train_decoder(p["slices"], features, p["cam"], p["mg"], p["settings"], p["out"], p["seed"], p["cap"])
 else:  # as `cldf segment` (rule segment_shard) calls it, labelled protocol
     from cldf.segment.cluster import run_segmentation
     cdm = load_model(p["cdm"], device, "cdm", {"image_size": slices.image_size, "in_channels": slices.channels})
     features = decoder_inputs(ComputedFeatures(cdm, slices, p["features_settings"], "label", p["seed"], device,
-                                               MapStore(p["probs"])), slices, p["with_image"],
-                              p["image_context"])
+                                               MapStore(p["probs"])), slices, p)
     ids = np.asarray(p["ids"], dtype=np.int64)
     run_segmentation(p["slices"], features, p["decoders"], p["settings"], ids, slices.labels[ids] != 0, p["out"],
                      device, p["seed"])

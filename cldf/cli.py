@@ -156,8 +156,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
         torch.set_num_threads(1)
     s = args.settings
     slices = SliceStore(args.slices)
-    features = decoder_inputs(StoredFeatures(args.features, slices.image_size, device), slices,
-                              s["cldf"]["decoder"]["with_image"], s["cldf"]["decoder"]["image_context"])
+    features = decoder_inputs(StoredFeatures(args.features, slices.image_size, device), slices, s["cldf"]["decoder"])
     rows = tune_decoder(args.slices, features, args.cam, args.mg, s["cldf"], s["choices"], args.out, args.seed,
                         int(s["max_train_slices"]), workers=workers)
     write_rows(rows, args.rows_out)
@@ -200,7 +199,7 @@ def cmd_decoder(args: argparse.Namespace) -> None:
     s = args.settings
     slices = SliceStore(args.slices)
     features = decoder_inputs(StoredFeatures(args.features, slices.image_size, _device(args)), slices,
-                              s["cldf"]["decoder"]["with_image"], s["cldf"]["decoder"]["image_context"])
+                              s["cldf"]["decoder"])
     settings = decoder_settings(s["cldf"], chosen(read_selection(args.tuning), "decoder"), args.mode)
     _, checkpoint = train_decoder(args.slices, features, args.cam, args.mg, settings, args.out, args.seed,
                                   int(s["max_train_slices"]))
@@ -225,7 +224,7 @@ def cmd_segment(args: argparse.Namespace) -> None:
         conditioning, segment = _chosen(args.choices, "conditioning"), ids >= 0
     features = decoder_inputs(ComputedFeatures(_model(args.cdm, "cdm", args), slices, args.settings["features"],
                                                conditioning, args.seed, _device(args), MapStore(args.probs)),
-                              slices, args.settings["with_image"], args.settings["image_context"])
+                              slices, args.settings)
     cluster = cluster_settings(args.settings["cluster"], _chosen(args.tuning, "decoder"))
     run_segmentation(args.slices, features, args.decoders, cluster, ids, segment, args.out, _device(args), args.seed)
 

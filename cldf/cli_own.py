@@ -35,7 +35,7 @@ def cmd_given_tune(args: argparse.Namespace) -> None:
     rows = given_rows(_given(args), args.source)
     slices = SliceStore(args.slices)
     features = decoder_inputs(StoredFeatures(args.features, slices.image_size, _device(args)), slices,
-                              s["cldf"]["decoder"]["with_image"], s["cldf"]["decoder"]["image_context"])
+                              s["cldf"]["decoder"])
     stats = given_decoder(args.slices, features, args.cam, args.mg, s["cldf"], chosen(rows, "decoder"), args.out,
                           args.seed, int(s["max_train_slices"]))
     LOG.info("decoder training: %s", stats)

@@ -348,15 +348,15 @@ def test_the_decoder_sees_the_image_channels_of_neighbouring_slices_of_the_same_
     ids = np.arange(6, dtype=np.int64)
     write_map_store(tmp_path / "f", ids, {"settings": {"layers": ["a"]}}, layer_0=np.zeros((6, 2, 2, 2), np.float16))
     features = StoredFeatures(tmp_path / "f", 4, CPU)
-    plain = decoder_inputs(features, slices, True)
-    wide = decoder_inputs(features, slices, True, context=2)
+    plain = decoder_inputs(features, slices, {"with_image": True, "image_context": 0})
+    wide = decoder_inputs(features, slices, {"with_image": True, "image_context": 2})
     assert (plain.dim, wide.dim) == (3, 7) and wide.channel_groups == [("a", 2), ("image", 5)]
     batch = torch.cat([f for _, f in wide.batches(ids[::-1].copy(), 4)])[:, 2:, 0, 0]
     expected = [[4, 4, 5, 5, 5], [4, 4, 4, 5, 5], [2, 3, 3, 3, 3], [0, 1, 2, 2, 3], [0, 0, 1, 2, 2], [0, 0, 0, 1, 2]]
     assert batch.tolist() == expected
     assert torch.equal(torch.cat([f for _, f in plain.batches(ids, 6)])[:, 2:, 0, 0], torch.arange(6.0)[:, None])
     with pytest.raises(ValueError, match="image context"):
-        decoder_inputs(features, slices, True, context=-1)
+        decoder_inputs(features, slices, {"with_image": True, "image_context": -1})
 
 
 def test_training_stats_and_checkpoint(toy):
@@ -375,7 +375,7 @@ def test_decoder_reads_only_the_channels_of_its_feature_layers(toy):
     p, root = toy["paths"], toy["root"]
     features = StoredFeatures(p["features"], SIZE, CPU)
     assert features.channel_groups == [("a", 6), ("b", 4)]
-    with_image = decoder_inputs(features, SliceStore(p["slices"]), True)
+    with_image = decoder_inputs(features, SliceStore(p["slices"]), {"with_image": True, "image_context": 0})
     assert input_channels(with_image.channel_groups, ["b"]) == [6, 7, 8, 9, 10]  # its layer and the image
     with pytest.raises(StoreError, match=r"\['c'\] missing"):
         input_channels(features.channel_groups, ["b", "c"])

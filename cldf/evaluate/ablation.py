@@ -83,7 +83,6 @@ class Ablation:
         """Training/validation and test feature sources under ``settings`` (features computed on the fly
         when the lever changes them, the test slices' once per feature setting)."""
         features, decoder = settings["features"], settings["decoder"]
-        with_image, context = decoder.get("with_image", False), decoder.get("image_context", 0)
         key = json.dumps(features, sort_keys=True)
         network = self.networks[features.get("source", "cdm")]
         if features == self.base["features"]:
@@ -94,8 +93,7 @@ class Ablation:
         if key not in self._test_features:
             source = ComputedFeatures(network, self.slices, features, "label", self.seed, self.device)
             self._test_features[key] = CachedFeatures(source, self.test)
-        return (decoder_inputs(train, self.slices, with_image, context),
-                decoder_inputs(self._test_features[key], self.slices, with_image, context))
+        return (decoder_inputs(train, self.slices, decoder), decoder_inputs(self._test_features[key], self.slices, decoder))
 
     def masks(self, overrides: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """CLDF's masks under ``overrides``: bool (N_val, H, W) of the positive validation slices and bool

@@ -157,8 +157,8 @@ def choose_unlabelled(
 ) -> list[dict[str, Any]]:
     """The CDM conditioning of unlabelled slices and the classifier gate, chosen on validation.
 
-    ``settings``: ``features`` (timesteps, layers), ``with_image``, ``cluster`` (the config's, completed by the
-    tuned ``k`` and ``assign`` of ``tuned``), ``choices`` (``conditioning``, ``gate`` grids).
+    ``settings``: ``features`` (timesteps, layers), ``with_image``, ``image_context``, ``cluster`` (the config's,
+    completed by the tuned ``k`` and ``assign`` of ``tuned``), ``choices`` (``conditioning``, ``gate`` grids).
     """
     cluster, grids = cluster_settings(settings["cluster"], tuned), settings["choices"]
     slices = SliceStore(slices_path)
@@ -170,7 +170,7 @@ def choose_unlabelled(
     masks = {}
     for conditioning in grids["conditioning"]:
         features = decoder_inputs(ComputedFeatures(cdm, slices, settings["features"], conditioning, seed, device, probs),
-                                  slices, settings["with_image"], settings["image_context"])
+                                  slices, settings)
         masks[conditioning] = segment_ids(features, decoder, checkpoint, slices, ids, cluster, seed)
     scores = [mean_dice(masks[c][positive], gt[positive]) for c in grids["conditioning"]]
     rows = choice_rows("conditioning", grids["conditioning"], scores)

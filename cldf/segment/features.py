@@ -283,7 +283,8 @@ class GroupedFeatures:
                 yield from source.batches(mine, batch_size)
 
 
-def decoder_inputs(source: StoredFeatures | ComputedFeatures, slices: SliceStore, with_image: bool, context: int = 0):
+def decoder_inputs(source: StoredFeatures | ComputedFeatures, slices: SliceStore, decoder: Mapping[str, Any]):
     """What the pixel decoder sees: the diffusion features, with the image channels of each slice (and of the
-    ``context`` slices on each side of it) when ``with_image``."""
-    return WithImage(source, slices, context) if with_image else source
+    ``decoder["image_context"]`` slices on each side of it) when ``decoder["with_image"]``. ``decoder``: the
+    decoder's settings (``cldf.decoder``, or any mapping holding those two keys)."""
+    return WithImage(source, slices, decoder["image_context"]) if decoder["with_image"] else source

@@ -81,7 +81,8 @@ class CaseSlices:
 class CaseSegmenter:
     """Everything CLDF's masks of whole cases read: the frozen CDM and CAM classifier, the decoder with its
     prototypes and checkpoint path, the clustering (``k``, ``assign``, ``inside_body``), the unlabelled
-    protocol's ``conditioning`` and ``gate``, and ``settings`` (``features``, ``with_image``, ``batch_size``)."""
+    protocol's ``conditioning`` and ``gate``, and ``settings`` (``features``, ``with_image``, ``image_context``,
+    ``batch_size``)."""
 
     cdm: torch.nn.Module
     classifier: torch.nn.Module
@@ -97,7 +98,7 @@ class CaseSegmenter:
 
     def features(self, slices: Any, conditioning: str, probs: ClassifierProbs):
         source = ComputedFeatures(self.cdm, slices, self.settings["features"], conditioning, self.seed, self.device, probs)
-        features = decoder_inputs(source, slices, self.settings["with_image"], self.settings["image_context"])
+        features = decoder_inputs(source, slices, self.settings)
         check_feature_dim(self.checkpoint, self.decoder_path, features.dim)
         return features
 
