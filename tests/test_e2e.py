@@ -216,9 +216,12 @@ def _cldf(workdir: Path, *args: str) -> None:
 def test_a_seed_lever_moves_the_scores_by_chance_alone(work: Path, tmp_path: Path) -> None:
     """A lever ``{"seed": s}`` retrains the chosen configuration with another seed for the decoder and K-means:
     with the run's own seed it gives the chosen row exactly, with another seed other scores; a lever
-    ``{"vote": 1}`` is the chosen row too (:func:`test_a_vote_lever_keeps_what_most_seeds_masks_hold`)."""
+    ``{"vote": 1}`` is the chosen row too (:func:`test_a_vote_lever_keeps_what_most_seeds_masks_hold`), and so is
+    ``{"self_train": 0}``, while a round of self-training (``{"self_train": 1}``) retrains the decoder on its own
+    masks and scores otherwise."""
     cam, seed = CONFIG["cldf"]["cam"], int(CONFIG["seed"])
-    levers = {"run's seed": {"seed": seed}, "another": {"seed": seed + 1}, "vote of one": {"vote": 1}}
+    levers = {"run's seed": {"seed": seed}, "another": {"seed": seed + 1}, "vote of one": {"vote": 1},
+              "no self-training": {"self_train": 0}, "self-training": {"self_train": 1}}
     settings = {**Plan(CONFIG).ablation_settings(), "levers": levers, "bootstrap": 100}
     out = tmp_path / "ablation.csv"
     _cldf(work, "ablation", "--slices", str(_path(work, "slices")), "--test-truth", str(_path(work, "test_truth")),
@@ -230,6 +233,8 @@ def test_a_seed_lever_moves_the_scores_by_chance_alone(work: Path, tmp_path: Pat
     assert rows.loc["run's seed"].tolist() == rows.loc["chosen on validation"].tolist()
     assert rows.loc["another"].tolist() != rows.loc["chosen on validation"].tolist()
     assert rows.loc["vote of one"].tolist() == rows.loc["chosen on validation"].tolist()
+    assert rows.loc["no self-training"].tolist() == rows.loc["chosen on validation"].tolist()
+    assert rows.loc["self-training"].tolist() != rows.loc["chosen on validation"].tolist()
 
 
 def test_a_vote_lever_keeps_what_most_seeds_masks_hold(work: Path) -> None:

@@ -15,13 +15,14 @@ from skimage.filters import threshold_otsu
 import cldf.segment.cluster as cluster_module
 import cldf.segment.selection as selection_module
 import cldf.segment.supcon as supcon_module
-from cldf.segment.cluster import cluster_slices, prototypes_of, run_segmentation
+from cldf.segment.cluster import cluster_slices, prototypes_of, run_segmentation, segment_slices
 from cldf.segment.components import fill_holes, keep_components
 from cldf.segment.context import vote_slices
 from cldf.errors import PipelineError
 from cldf.models.decoder import PixelDecoder, embed_slices
 from cldf.segment.features import StoredFeatures, decoder_inputs, input_channels, iter_feature_batches, upsample_features
 from cldf.segment.selection import activated, anchor_weights, select_pixels, select_stored
+from cldf.segment.selftrain import self_train, vouched_anchors
 from cldf.segment.supcon import supcon_loss
 from cldf.segment.train import load_decoder, train_decoder
 from cldf.store import MapStore, SliceStore, StoreError
@@ -777,3 +778,38 @@ def test_decoder_without_a_confident_anchor_says_so(toy, monkeypatch):
                 "decoder": {**SETTINGS["decoder"], "epochs": 1, "loss": "mean"}}
     with pytest.raises(PipelineError, match="took no training step"):
         train_decoder(p["slices"], StoredFeatures(p["features"], SIZE, CPU), p["cam"], p["mg"], settings, None, 3, 1000)
+
+
+def test_self_training_anchors_are_the_mask_components_the_maps_vouch_for():
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[1:4, 1:4] = True   # touched by the maps' foreground
+    mask[5:7, 5:8] = True   # no map pixel in it
+    fg, bg = torch.zeros(8, 8, dtype=torch.bool), torch.ones(8, 8, dtype=torch.bool)
+    fg[2, 2] = fg[0, 7] = True
+    bg[0, 7] = bg[2, 2] = False
+    new_fg, new_bg = vouched_anchors(fg, bg, mask)
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[1:4, 1:4] = True
+    expected[0, 7] = True   # the maps' own foreground stays
+    assert torch.equal(new_fg, expected)
+    assert not new_bg[5:7, 5:8].any() and not new_bg[1:4, 1:4].any()  # the unvouched component is neither
+    assert int(new_bg.sum()) == 64 - 9 - 6 - 1
+
+
+def test_self_training_widens_the_foreground_anchors_by_the_decoders_own_masks(toy):
+    p = toy["paths"]
+    features = StoredFeatures(p["features"], SIZE, CPU)
+    decoder, checkpoint = load_decoder(toy["decoder"], CPU)
+    same = self_train(p["slices"], features, p["cam"], p["mg"], SETTINGS, CLUSTER, decoder, checkpoint, 0, 3, 1000)
+    assert same[0] is decoder  # no round: the decoder as trained on the maps' selection
+    positive = np.flatnonzero((toy["split"] == "train") & (toy["labels"] == 1))
+    masks = {}
+    for ids, got in segment_slices(features, {"d": (decoder, prototypes_of(checkpoint))}, SliceStore(p["slices"]),
+                                   positive, CLUSTER, 3):
+        masks.update({int(s): m.astype(bool) for s, m in zip(ids, got["d"])})
+    assert np.mean([_dice(masks[s], toy["truth"][s]) for s in positive]) > 0.6
+    _, again = self_train(p["slices"], features, p["cam"], p["mg"], SETTINGS, CLUSTER, decoder, checkpoint, 1, 3, 1000)
+    # the new decoder's foreground anchors hold far more pixels than the maps picked, and its prototypes move
+    assert again["stats"]["n_foreground_pixels"] > 1.5 * toy["stats"]["n_foreground_pixels"]
+    assert again["stats"]["n_foreground_pixels"] <= toy["stats"]["n_foreground_pixels"] + sum(int(m.sum()) for m in masks.values())
+    assert not torch.equal(again["prototypes"]["foreground"], checkpoint["prototypes"]["foreground"])

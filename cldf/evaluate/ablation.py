@@ -28,6 +28,7 @@ from cldf.evaluate.choose import cluster_settings, decoder_settings, segment_ids
 from cldf.evaluate.metrics import dice_scores
 from cldf.evaluate.table import bootstrap_indices, write_csv
 from cldf.segment.features import ComputedFeatures, StoredFeatures, decoder_inputs
+from cldf.segment.selftrain import self_train
 from cldf.segment.train import train_decoder
 from cldf.store import SliceStore, TestTruth, read_ground_truth
 
@@ -101,13 +102,17 @@ class Ablation:
         K-means instead of the run's seed (the features keep the run's); ``vote: n`` trains n decoders (seeds
         seed .. seed+n-1) and keeps the pixels most of their masks hold (:func:`majority`)."""
         seed, votes = int(overrides.get("seed", self.seed)), int(overrides.get("vote", 1))
-        settings = lever_settings(self.base, {k: v for k, v in overrides.items() if k not in ("seed", "vote")})
+        rounds = int(overrides.get("self_train", 0))
+        settings = lever_settings(self.base, {k: v for k, v in overrides.items() if k not in ("seed", "vote", "self_train")})
         train, test = self._sources(settings)
         decoder_cfg = {"selection": settings["selection"], "decoder": settings["decoder"]}
         val_masks, test_masks = [], []
         for s in range(seed, seed + votes):
             decoder, checkpoint = train_decoder(self.slices_path, train, self.maps["cam"], self.maps["mg"],
                                                 decoder_cfg, None, s, int(settings["max_train_slices"]))
+            decoder, checkpoint = self_train(self.slices_path, train, self.maps["cam"], self.maps["mg"], decoder_cfg,
+                                             settings["cluster"], decoder, checkpoint, rounds, s,
+                                             int(settings["max_train_slices"]))
             val_masks.append(segment_ids(train, decoder, checkpoint, self.slices, self.val, settings["cluster"], s))
             test_masks.append(segment_ids(test, decoder, checkpoint, self.slices, self.test, settings["cluster"], s))
         return majority(val_masks), majority(test_masks)

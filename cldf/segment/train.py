@@ -36,7 +36,8 @@ class _Source:
     """Where the decoder's training data comes from: slices, features and the maps of one selection mode.
 
     The pixel selection of a slice is computed once and kept (bool masks), so later epochs only upsample
-    the features of each batch.
+    the features of each batch. ``given`` holds selections made elsewhere (slice id -> foreground and
+    background bool (H, W), no anchor weights), used for those slices instead of the maps'.
     """
 
     slices: SliceStore
@@ -46,9 +47,13 @@ class _Source:
     selection: Mapping[str, Any]
     batch_size: int
     device: torch.device
+    given: Mapping[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     _selected: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def _select(self, ids: np.ndarray) -> None:
+        for sid in ids:
+            if int(sid) in self.given:
+                self._selected[int(sid)] = (*self.given[int(sid)], None)
         missing = np.asarray([i for i in ids if int(i) not in self._selected], dtype=np.int64)
         if len(missing) == 0:
             return
@@ -202,6 +207,7 @@ def train_decoder(
     out: str | os.PathLike | None,
     seed: int,
     cap: int,
+    anchors: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[PixelDecoder, dict[str, Any]]:
     """Train the pixel decoder on the training slices (labels 0/1) and save it with its prototypes.
 
@@ -224,6 +230,9 @@ def train_decoder(
     seed, cap
         Seed of the initialisation, the slice order of every epoch and the pixel sampling; at most ``cap``
         training slices (:func:`training_rows`).
+    anchors
+        Foreground and background bool (H, W) per training slice id, used instead of the maps' selection
+        (:func:`cldf.segment.selftrain.mask_anchors`: a round of self-training); None, the maps'.
 
     Each epoch visits the training slices in a seeded random order (:func:`_train_epoch`); afterwards the
     prototypes are the normalised mean embeddings of all selected pixels (:func:`_prototypes`).
@@ -235,7 +244,8 @@ def train_decoder(
     ``positive_slices_without_foreground``.
     """
     epochs = int(settings["decoder"]["epochs"])
-    decoder, checkpoint = train_decoder_epochs(slices_path, features, cam_path, mg_path, settings, seed, cap, [epochs])[epochs]()
+    decoder, checkpoint = train_decoder_epochs(slices_path, features, cam_path, mg_path, settings, seed, cap, [epochs],
+                                               anchors)[epochs]()
     if out is not None:
         save_checkpoint(out, checkpoint)
     return decoder, checkpoint
@@ -250,15 +260,17 @@ def train_decoder_epochs(
     seed: int,
     cap: int,
     counts: Sequence[int],
+    anchors: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[int, Callable[[], tuple[PixelDecoder, dict[str, Any]]]]:
-    """One training of :func:`train_decoder` for ``max(counts)`` epochs (``settings["decoder"]["epochs"]`` is
+    """One training of :func:`train_decoder` (``anchors`` as there) for ``max(counts)`` epochs (``settings["decoder"]["epochs"]`` is
     not read); for each count of ``counts``, a function that builds the decoder and checkpoint training for that
     many epochs gives (its ``settings`` naming that count; its prototypes computed only when it is called)."""
     selection, dec = settings["selection"], settings["decoder"]
     slices = SliceStore(slices_path)
     used = MODE_MAPS[selection["mode"]]
     source = _Source(slices, features, MapStore(cam_path) if "cam" in used else None,
-                     MapStore(mg_path) if "mg" in used else None, selection, int(dec["batch_size"]), features.device)
+                     MapStore(mg_path) if "mg" in used else None, selection, int(dec["batch_size"]), features.device,
+                     dict(anchors or {}))
     ids = training_rows(slices, cap, seed)
     if len(ids) == 0:
         raise PipelineError(f"{slices_path} has no training slice with label 0 or 1")
