@@ -15,7 +15,7 @@ from skimage.filters import threshold_otsu
 import cldf.segment.cluster as cluster_module
 import cldf.segment.selection as selection_module
 import cldf.segment.supcon as supcon_module
-from cldf.segment.cluster import cluster_slices, prototypes_of, run_segmentation, segment_slices
+from cldf.segment.cluster import cluster_slices, prototypes_of, run_segmentation, segment_ids
 from cldf.segment.components import fill_holes, keep_components
 from cldf.segment.context import vote_slices
 from cldf.errors import PipelineError
@@ -803,10 +803,8 @@ def test_self_training_widens_the_foreground_anchors_by_the_decoders_own_masks(t
     same = self_train(p["slices"], features, p["cam"], p["mg"], SETTINGS, CLUSTER, decoder, checkpoint, 0, 3, 1000)
     assert same[0] is decoder  # no round: the decoder as trained on the maps' selection
     positive = np.flatnonzero((toy["split"] == "train") & (toy["labels"] == 1))
-    masks = {}
-    for ids, got in segment_slices(features, {"d": (decoder, prototypes_of(checkpoint))}, SliceStore(p["slices"]),
-                                   positive, CLUSTER, 3):
-        masks.update({int(s): m.astype(bool) for s, m in zip(ids, got["d"])})
+    masks = dict(zip(positive.tolist(), segment_ids(features, decoder, checkpoint, SliceStore(p["slices"]), positive,
+                                                    CLUSTER, 3)))
     assert np.mean([_dice(masks[s], toy["truth"][s]) for s in positive]) > 0.6
     _, again = self_train(p["slices"], features, p["cam"], p["mg"], SETTINGS, CLUSTER, decoder, checkpoint, 1, 3, 1000)
     # the new decoder's foreground anchors hold far more pixels than the maps picked, and its prototypes move

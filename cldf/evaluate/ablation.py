@@ -24,15 +24,17 @@ import pandas as pd
 import torch
 
 from cldf.config import deep_merge
-from cldf.evaluate.choose import cluster_settings, decoder_settings, segment_ids
+from cldf.evaluate.choose import cluster_settings, decoder_settings
 from cldf.evaluate.metrics import dice_scores
 from cldf.evaluate.table import bootstrap_indices, write_csv
+from cldf.segment.cluster import segment_ids
 from cldf.segment.features import ComputedFeatures, StoredFeatures, decoder_inputs
 from cldf.segment.selftrain import self_train
 from cldf.segment.train import train_decoder
 from cldf.store import SliceStore, TestTruth, read_ground_truth
 
 LOG = logging.getLogger("cldf.ablation")
+RUN_KEYS = ("seed", "vote", "self_train")   # lever keys that say how to train, not which settings
 COLUMNS = ("lever", "changed", "val_dice", "test_dice", "test_ci_low", "test_ci_high", "n_cases")
 
 
@@ -103,7 +105,7 @@ class Ablation:
         seed .. seed+n-1) and keeps the pixels most of their masks hold (:func:`majority`)."""
         seed, votes = int(overrides.get("seed", self.seed)), int(overrides.get("vote", 1))
         rounds = int(overrides.get("self_train", 0))
-        settings = lever_settings(self.base, {k: v for k, v in overrides.items() if k not in ("seed", "vote", "self_train")})
+        settings = lever_settings(self.base, {k: v for k, v in overrides.items() if k not in RUN_KEYS})
         train, test = self._sources(settings)
         decoder_cfg = {"selection": settings["selection"], "decoder": settings["decoder"]}
         val_masks, test_masks = [], []

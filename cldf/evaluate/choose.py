@@ -21,7 +21,7 @@ import torch
 from cldf.config import decoder_candidates
 from cldf.evaluate.choices import choice_rows, encode, mean_dice, val_positives
 from cldf.models.checkpoint import save_checkpoint
-from cldf.segment.cluster import finish_masks, prototypes_of, segment_slices
+from cldf.segment.cluster import finish_masks, segment_ids
 from cldf.segment.components import keep_components
 from cldf.segment.features import ComputedFeatures, StoredFeatures, decoder_inputs
 from cldf.segment.train import load_decoder, train_decoder_epochs
@@ -131,18 +131,6 @@ def _best(results: list[Scored]) -> int:
     on ties; the first when none is finite)."""
     top = [max((s if np.isfinite(s) else -np.inf for _, s in rows), default=-np.inf) for _, _, rows in results]
     return int(np.argmax(top))
-
-
-def segment_ids(features, decoder, checkpoint, slices: SliceStore, ids: np.ndarray, cluster: Mapping[str, Any],
-             seed: int) -> np.ndarray:
-    """bool (N, H, W) masks of the slices ``ids`` clustered with one decoder (its checkpoint's prototypes); with
-    ``cluster["slice_vote"]`` above 0 the slices of ``ids`` vote on their neighbours' masks."""
-    decoders = {"d": (decoder, prototypes_of(checkpoint))}
-    out = np.zeros((len(ids), slices.image_size, slices.image_size), dtype=bool)
-    row = {int(s): r for r, s in enumerate(ids)}
-    for batch_ids, masks in segment_slices(features, decoders, slices, ids, cluster, seed):
-        out[[row[int(s)] for s in batch_ids]] = masks["d"].astype(bool)
-    return out
 
 
 def choose_unlabelled(

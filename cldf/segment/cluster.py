@@ -182,6 +182,18 @@ def segment_slices(
                     for name in decoders}
 
 
+def segment_ids(features, decoder, checkpoint, slices: SliceStore, ids: np.ndarray, cluster: Mapping[str, Any],
+             seed: int) -> np.ndarray:
+    """bool (N, H, W) masks of the slices ``ids`` clustered with one decoder (its checkpoint's prototypes); with
+    ``cluster["slice_vote"]`` above 0 the slices of ``ids`` vote on their neighbours' masks."""
+    decoders = {"d": (decoder, prototypes_of(checkpoint))}
+    out = np.zeros((len(ids), slices.image_size, slices.image_size), dtype=bool)
+    row = {int(s): r for r, s in enumerate(ids)}
+    for batch_ids, masks in segment_slices(features, decoders, slices, ids, cluster, seed):
+        out[[row[int(s)] for s in batch_ids]] = masks["d"].astype(bool)
+    return out
+
+
 def finish_masks(masks: np.ndarray, case_index: np.ndarray, slice_index: np.ndarray,
                  settings: Mapping[str, Any]) -> np.ndarray:
     """What follows K-means and the components' filter: the neighbouring slices' vote within the radius

@@ -19,11 +19,11 @@ from scipy import ndimage
 
 from cldf.data.splits import training_rows
 from cldf.models.decoder import PixelDecoder
-from cldf.segment.cluster import prototypes_of, segment_slices
+from cldf.segment.cluster import segment_ids
 from cldf.segment.components import EIGHT_CONNECTED
-from cldf.segment.selection import MODE_MAPS, select_stored
-from cldf.segment.train import train_decoder
-from cldf.store import MapStore, SliceStore
+from cldf.segment.selection import select_stored
+from cldf.segment.train import map_stores, train_decoder
+from cldf.store import SliceStore
 
 
 def vouched_anchors(fg: torch.Tensor, bg: torch.Tensor, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,35 +36,25 @@ def vouched_anchors(fg: torch.Tensor, bg: torch.Tensor, mask: np.ndarray) -> tup
     return torch.from_numpy(np.isin(components, vouched)) | fg, bg & ~torch.from_numpy(mask)
 
 
-def mask_anchors(slices: SliceStore, cam: MapStore | None, mg: MapStore | None, ids: np.ndarray,
-                 selection: Mapping[str, Any], masks: Mapping[int, np.ndarray]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Anchors of the training slices ``ids``: the maps' selection (:func:`select_stored` under ``selection``),
-    on each slice of ``masks`` (slice id -> bool (H, W)) widened by the mask (:func:`vouched_anchors`).
-    Returns slice id -> (foreground, background) bool (H, W)."""
-    rows, fg, bg, _ = select_stored(slices, cam, mg, ids, {**selection, "weight": "none"})
-    return {sid: vouched_anchors(fg[k], bg[k], masks[sid]) if sid in masks else (fg[k], bg[k])
-            for k, sid in enumerate(rows.tolist())}
-
-
 def self_train(slices_path: str | os.PathLike, features, cam_path: str | os.PathLike | None,
                mg_path: str | os.PathLike | None, settings: Mapping[str, Any], cluster: Mapping[str, Any],
                decoder: PixelDecoder, checkpoint: Mapping[str, Any], rounds: int, seed: int, cap: int
                ) -> tuple[PixelDecoder, dict[str, Any]]:
     """``rounds`` rounds of self-training from a trained ``decoder`` (and its ``checkpoint``): each segments
     the positive training slices (features (D, H, W) per slice from ``features``; K-means under ``cluster``)
-    and trains a new decoder under ``settings`` (those of :func:`train_decoder`) on :func:`mask_anchors`.
+    and trains a new decoder under ``settings`` (those of :func:`train_decoder`) on the maps' selection of the
+    training slices (:func:`select_stored`, made once), each positive one widened by its mask (:func:`vouched_anchors`).
     Returns the last decoder and its checkpoint (the given ones when ``rounds`` is 0)."""
+    if int(rounds) == 0:
+        return decoder, dict(checkpoint)
     slices = SliceStore(slices_path)
-    used = MODE_MAPS[settings["selection"]["mode"]]
-    cam = MapStore(cam_path) if "cam" in used else None
-    mg = MapStore(mg_path) if "mg" in used else None
     ids = training_rows(slices, cap, seed)
     positive = ids[slices.labels[ids] == 1]
+    selection = settings["selection"]
+    rows, fg, bg, _ = select_stored(slices, *map_stores(selection, cam_path, mg_path), ids, {**selection, "weight": "none"})
     for _ in range(int(rounds)):
-        masks: dict[int, np.ndarray] = {}
-        for batch_ids, got in segment_slices(features, {"d": (decoder, prototypes_of(checkpoint))}, slices, positive,
-                                             cluster, seed):
-            masks.update({int(s): m.astype(bool) for s, m in zip(batch_ids, got["d"])})
-        anchors = mask_anchors(slices, cam, mg, ids, settings["selection"], masks)
+        masks = dict(zip(positive.tolist(), segment_ids(features, decoder, checkpoint, slices, positive, cluster, seed)))
+        anchors = {sid: vouched_anchors(fg[k], bg[k], masks[sid]) if sid in masks else (fg[k], bg[k])
+                   for k, sid in enumerate(rows.tolist())}
         decoder, checkpoint = train_decoder(slices_path, features, cam_path, mg_path, settings, None, seed, cap, anchors)
     return decoder, dict(checkpoint)

@@ -52,7 +52,7 @@ class _Source:
 
     def _select(self, ids: np.ndarray) -> None:
         for sid in ids:
-            if int(sid) in self.given:
+            if int(sid) in self.given and int(sid) not in self._selected:
                 self._selected[int(sid)] = (*self.given[int(sid)], None)
         missing = np.asarray([i for i in ids if int(i) not in self._selected], dtype=np.int64)
         if len(missing) == 0:
@@ -198,6 +198,13 @@ def _prototypes(decoder: PixelDecoder, source: _Source, ids: np.ndarray) -> tupl
     return {name: torch.nn.functional.normalize(s, dim=0).float() for name, s in sums.items()}, counts
 
 
+def map_stores(selection: Mapping[str, Any], cam_path: str | os.PathLike | None,
+               mg_path: str | os.PathLike | None) -> tuple[MapStore | None, MapStore | None]:
+    """The CAM and mean-gradient map stores the selection's ``mode`` uses (None for a map it does not)."""
+    used = MODE_MAPS[selection["mode"]]
+    return (MapStore(cam_path) if "cam" in used else None), (MapStore(mg_path) if "mg" in used else None)
+
+
 def train_decoder(
     slices_path: str | os.PathLike,
     features: StoredFeatures,
@@ -232,7 +239,7 @@ def train_decoder(
         training slices (:func:`training_rows`).
     anchors
         Foreground and background bool (H, W) per training slice id, used instead of the maps' selection
-        (:func:`cldf.segment.selftrain.mask_anchors`: a round of self-training); None, the maps'.
+        (:func:`cldf.segment.selftrain.self_train`: a round of self-training); None, the maps'.
 
     Each epoch visits the training slices in a seeded random order (:func:`_train_epoch`); afterwards the
     prototypes are the normalised mean embeddings of all selected pixels (:func:`_prototypes`).
@@ -267,10 +274,8 @@ def train_decoder_epochs(
     many epochs gives (its ``settings`` naming that count; its prototypes computed only when it is called)."""
     selection, dec = settings["selection"], settings["decoder"]
     slices = SliceStore(slices_path)
-    used = MODE_MAPS[selection["mode"]]
-    source = _Source(slices, features, MapStore(cam_path) if "cam" in used else None,
-                     MapStore(mg_path) if "mg" in used else None, selection, int(dec["batch_size"]), features.device,
-                     dict(anchors or {}))
+    source = _Source(slices, features, *map_stores(selection, cam_path, mg_path), selection, int(dec["batch_size"]),
+                     features.device, dict(anchors or {}))
     ids = training_rows(slices, cap, seed)
     if len(ids) == 0:
         raise PipelineError(f"{slices_path} has no training slice with label 0 or 1")
