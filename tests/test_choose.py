@@ -72,6 +72,21 @@ def test_choose_maps_picks_threshold_layers_and_intensity_on_validation(tmp_path
     assert intensity["flair:bright"] > 0.9 and intensity["flair:dark"] < 0.5
 
 
+def test_a_map_that_does_not_beat_the_whole_body_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    slices, ids, maps = _val_store(tmp_path)
+    target = write_map_store(tmp_path / "good", ids, maps=maps)
+    inverted = write_map_store(tmp_path / "inverted", ids, maps=(1 - maps).astype(np.float16))
+    grids = {"threshold": ["otsu", 0.5]}
+    with caplog.at_level("WARNING", logger="cldf.choose"):
+        rows = choose_thresholds(slices, {"good": target, "inverted": inverted}, grids)
+    scores = {name: max(r["val_dice"] for r in rows if r["choice"] == name)
+              for name in ("threshold:good", "threshold:inverted")}
+    # the body is every pixel here: marking it all scores 2·36 / (36 + 576) against each 6 x 6 target
+    assert scores["threshold:inverted"] < 2 * 36 / (36 + SIZE**2) < scores["threshold:good"]
+    flagged = [r.getMessage() for r in caplog.records if "whole body" in r.getMessage()]
+    assert len(flagged) == 1 and flagged[0].startswith("map inverted:") and "0.118" in flagged[0]
+
+
 def test_dice_scores_agree_with_monai_and_volume_metrics_use_mm() -> None:
     rng = np.random.default_rng(1)
     pred, gt = rng.random((5, 16, 16)) > 0.6, rng.random((5, 16, 16)) > 0.5

@@ -99,6 +99,21 @@ def choose_layers(slices_path: str | os.PathLike, per_layer_path: str | os.PathL
     return choice_rows(f"layers:{name}", grids["layercam_layers"], scores)
 
 
+def warn_if_no_better_than_body(name: str, scores: Sequence[float], body: np.ndarray, gt: np.ndarray) -> bool:
+    """Warn when a map's best validation Dice (``scores`` over its thresholds) is below that of marking the
+    whole body (bool (N, H, W)) as the target ``gt`` (N, H, W): the map does not localise the target, as when
+    a briefly trained network's training collapsed. Returns whether it warned."""
+    best, floor = float(np.nanmax(scores)) if len(gt) else float("nan"), mean_dice(body, gt)
+    if not best < floor:
+        return False
+    LOG.warning("map %s: its best validation Dice (%.3f) is below that of marking the whole body as target "
+                "(%.3f): it does not localise the target and its rows compare nothing; its network's training has "
+                "likely collapsed (README, known limitations): re-train it with more steps (the config's `models:` "
+                "overrides a preset's `steps`)",
+                name, best, floor)
+    return True
+
+
 def choose_thresholds(slices_path: str | os.PathLike, maps: Mapping[str, str | os.PathLike],
                       grids: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows ``threshold:<name>`` of every map (name → store with ``maps`` (N, H, W)) over
@@ -111,6 +126,7 @@ def choose_thresholds(slices_path: str | os.PathLike, maps: Mapping[str, str | o
         values = MapStore(path).read("maps", ids).astype(np.float32)
         scores = [mean_dice(threshold_map(values, body, t), gt) for t in grids["threshold"]]
         rows += choice_rows(f"threshold:{name}", grids["threshold"], scores)
+        warn_if_no_better_than_body(name, scores, body, gt)
     images = slices.images(ids)
     candidates = [f"{m}:{p}" for m in slices.modalities for p in POLARITIES]
     scores = [mean_dice(threshold_map(intensity_map(images, slices.modalities.index(c.split(":")[0]), c.split(":")[1]),
