@@ -7,7 +7,7 @@ validation split has no slice to score (``val_dice`` is then empty).
 
 Here: the layers a per-layer CAM is fused over (:func:`choose_layers`), the threshold of every thresholded
 map and the intensity row's channel and side (:func:`choose_thresholds`), all on positive validation
-slices. This module is light to import (numpy, pandas, zarr; no torch): the choice and baseline jobs are
+slices; a map no better than marking the whole body is reported (:func:`warn_if_no_better_than_body`). This module is light to import (numpy, pandas, zarr; no torch): the choice and baseline jobs are
 short and would otherwise spend most of their time importing. CLDF's decoder settings and the unlabelled
 protocol's choices are made in :mod:`cldf.evaluate.choose`.
 """
@@ -99,19 +99,18 @@ def choose_layers(slices_path: str | os.PathLike, per_layer_path: str | os.PathL
     return choice_rows(f"layers:{name}", grids["layercam_layers"], scores)
 
 
-def warn_if_no_better_than_body(name: str, scores: Sequence[float], body: np.ndarray, gt: np.ndarray) -> bool:
+def warn_if_no_better_than_body(name: str, scores: Sequence[float], body: np.ndarray, gt: np.ndarray) -> None:
     """Warn when a map's best validation Dice (``scores`` over its thresholds) is below that of marking the
     whole body (bool (N, H, W)) as the target ``gt`` (N, H, W): the map does not localise the target, as when
-    a briefly trained network's training collapsed. Returns whether it warned."""
-    best, floor = float(np.nanmax(scores)) if len(gt) else float("nan"), mean_dice(body, gt)
-    if not best < floor:
-        return False
-    LOG.warning("map %s: its best validation Dice (%.3f) is below that of marking the whole body as target "
-                "(%.3f): it does not localise the target and its rows compare nothing; its network's training has "
-                "likely collapsed (README, known limitations): re-train it with more steps (the config's `models:` "
-                "overrides a preset's `steps`)",
-                name, best, floor)
-    return True
+    a briefly trained network's training collapsed."""
+    if not len(gt):
+        return
+    best, floor = float(np.nanmax(scores)), mean_dice(body, gt)
+    if best < floor:
+        LOG.warning("map %s: its best validation Dice (%.3f) is below that of marking the whole body as target "
+                    "(%.3f): it does not localise the target and its rows compare nothing; its network's training "
+                    "has likely collapsed (README, known limitations): re-train it with more steps (the config's "
+                    "`models:` overrides a preset's `steps`)", name, best, floor)
 
 
 def choose_thresholds(slices_path: str | os.PathLike, maps: Mapping[str, str | os.PathLike],
