@@ -298,10 +298,16 @@ def test_same_seed_gives_the_same_table(work: Path) -> None:
     decoders train through the same code; the networks' own determinism is tests/test_training_resume.py's.)"""
     names = ["metrics", "metrics_per_case", "differences", "selection", "metrics_3d"]
     before = {name: _path(work, name).read_text() for name in names}
-    run_snakemake(_config(work), ["--cores", "2", "--forcerun", "tune_decoder", "segment_shard", "baselines",
-                                  "--", *(CAT.path(n, dataset=DS) for n in names)])
+    res = run_snakemake(_config(work), ["--cores", "2", "--forcerun", "tune_decoder", "segment_shard", "baselines",
+                                        "--", *(CAT.path(n, dataset=DS) for n in names)])
     for name in names:
         assert _path(work, name).read_text() == before[name], name
+    # the tiny run's briefly trained CDM gives maps no better than the whole body: the re-run baselines job
+    # warns, and the run ends by printing its warnings
+    log = work / CAT.log(CAT.path("map_choices", dataset=DS))
+    warned = [line for line in log.read_text().splitlines() if " cldf.choose WARNING map " in line]
+    assert warned and "warning(s) in the logs of this run's jobs:" in res.stdout
+    assert all(f"{CAT.log(CAT.path('map_choices', dataset=DS))}: {line}" in res.stdout for line in warned)
 
 
 def test_readme_tables_splices_what_cldf_tables_prints(work: Path, tmp_path: Path) -> None:

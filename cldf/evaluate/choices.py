@@ -102,15 +102,14 @@ def choose_layers(slices_path: str | os.PathLike, per_layer_path: str | os.PathL
 def warn_if_no_better_than_body(name: str, scores: Sequence[float], body: np.ndarray, gt: np.ndarray) -> None:
     """Warn when a map's best validation Dice (``scores`` over its thresholds) is below that of marking the
     whole body (bool (N, H, W)) as the target ``gt`` (N, H, W): the map does not localise the target, as when
-    a briefly trained network's training collapsed."""
+    its network is too briefly trained or its training collapsed."""
     if not len(gt):
         return
     best, floor = float(np.nanmax(scores)), mean_dice(body, gt)
     if best < floor:
         LOG.warning("map %s: its best validation Dice (%.3f) is below that of marking the whole body as target "
-                    "(%.3f): it does not localise the target and its rows compare nothing; its network's training "
-                    "has likely collapsed (README, known limitations): re-train it with more steps (the config's "
-                    "`models:` overrides a preset's `steps`)", name, best, floor)
+                    "(%.3f): it does not localise the target, so its rows compare nothing (its network may be too "
+                    "briefly trained or its training collapsed: README, known limitations)", name, best, floor)
 
 
 def choose_thresholds(slices_path: str | os.PathLike, maps: Mapping[str, str | os.PathLike],
