@@ -7,8 +7,9 @@ validation split has no slice to score (``val_dice`` is then empty).
 
 Here: the layers a per-layer CAM is fused over (:func:`choose_layers`), the threshold of every thresholded
 map and the intensity row's channel and side (:func:`choose_thresholds`), all on positive validation
-slices; a map no better than marking the whole body is reported (:func:`warn_if_no_better_than_body`). This module is light to import (numpy, pandas, zarr; no torch): the choice and baseline jobs are
-short and would otherwise spend most of their time importing. CLDF's decoder settings and the unlabelled
+slices; a map no better than marking the whole body is reported (:func:`warn_if_no_better_than_body`).
+This module is light to import (numpy, pandas, zarr; no torch): the choice and baseline jobs are short
+and would otherwise spend most of their time importing. CLDF's decoder settings and the unlabelled
 protocol's choices are made in :mod:`cldf.evaluate.choose`.
 """
 
