@@ -100,13 +100,11 @@ def choose_layers(slices_path: str | os.PathLike, per_layer_path: str | os.PathL
     return choice_rows(f"layers:{name}", grids["layercam_layers"], scores)
 
 
-def warn_if_no_better_than_body(name: str, scores: Sequence[float], body: np.ndarray, gt: np.ndarray) -> None:
-    """Warn when a map's best validation Dice (``scores`` over its thresholds) is below that of marking the
-    whole body (bool (N, H, W)) as the target ``gt`` (N, H, W): the map does not localise the target, as when
-    its network is too briefly trained or its training collapsed."""
-    if not len(gt):
-        return
-    best, floor = float(np.nanmax(scores)), mean_dice(body, gt)
+def warn_if_no_better_than_body(name: str, scores: Sequence[float], floor: float) -> None:
+    """Warn when a map's best validation Dice (``scores`` over its thresholds) is below ``floor``, the Dice of
+    marking the whole body as target: the map does not localise the target, as when its network is too
+    briefly trained or its training collapsed. No warning when ``floor`` is nan (no slice to score)."""
+    best = float(np.nanmax(scores)) if np.isfinite(floor) else float("nan")  # all-nan scores: nanmax would warn
     if best < floor:
         LOG.warning("map %s: its best validation Dice (%.3f) is below that of marking the whole body as target "
                     "(%.3f): it does not localise the target, so its rows compare nothing (its network may be too "
@@ -120,12 +118,13 @@ def choose_thresholds(slices_path: str | os.PathLike, maps: Mapping[str, str | o
     per-slice Otsu threshold scores highest."""
     slices = SliceStore(slices_path)
     ids, gt, body = val_positives(slices, slices_path)
+    floor = mean_dice(body, gt)  # the whole body marked as target: nan without a positive validation slice
     rows: list[dict[str, Any]] = []
     for name, path in maps.items():
         values = MapStore(path).read("maps", ids).astype(np.float32)
         scores = [mean_dice(threshold_map(values, body, t), gt) for t in grids["threshold"]]
         rows += choice_rows(f"threshold:{name}", grids["threshold"], scores)
-        warn_if_no_better_than_body(name, scores, body, gt)
+        warn_if_no_better_than_body(name, scores, floor)
     images = slices.images(ids)
     candidates = [f"{m}:{p}" for m in slices.modalities for p in POLARITIES]
     scores = [mean_dice(threshold_map(intensity_map(images, slices.modalities.index(c.split(":")[0]), c.split(":")[1]),
