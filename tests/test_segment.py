@@ -177,6 +177,34 @@ def test_select_pixels_leaves_the_unsure_band_out_with_a_looser_background_rule(
         select_pixels(maps, maps, labels, body, "fused", "otsu", background="half")
 
 
+def test_select_pixels_background_keeps_its_margin_from_every_activated_pixel():
+    """``margin: m``: background pixels of a positive slice lie more than m pixels (Chebyshev) from any
+    pixel a map activates; negative slices keep their whole body; the foreground is unchanged."""
+    size = 16
+    body = torch.ones(2, size, size, dtype=torch.bool)
+    core = _square(size, 6, 10, 6, 10)
+    maps = torch.where(core, 0.9, 0.1).expand(2, size, size).clone()
+    labels = torch.tensor([1, 0])
+    fg0, bg0 = select_pixels(maps, maps, labels, body, "fused", "otsu", background="otsu")
+    fg2, bg2 = select_pixels(maps, maps, labels, body, "fused", "otsu", background="otsu", margin=2)
+    assert torch.equal(fg2, fg0) and torch.equal(fg2[0], core)
+    assert torch.equal(bg0[0], ~core)
+    assert torch.equal(bg2[0], ~_square(size, 4, 12, 4, 12))  # the core grown by 2 on every side
+    assert torch.equal(bg2[1], body[1])  # a negative slice: all background
+    with pytest.raises(ValueError, match="margin"):
+        select_pixels(maps, maps, labels, body, "fused", "otsu", margin=-1)
+
+
+def test_select_pixels_foreground_and_background_never_overlap():
+    """A top-quantile foreground above a map's Otsu threshold is never background, whatever the rules."""
+    size = 16
+    body = torch.ones(1, size, size, dtype=torch.bool)
+    values = torch.arange(size * size, dtype=torch.float32).view(1, size, size) / (size * size)
+    maps = values ** 8  # a few very bright pixels put Otsu above the 70 % quantile
+    fg, bg = select_pixels(maps, maps, torch.tensor([1]), body, "fused", "quantile", 0.7, background="otsu")
+    assert fg.sum() > 0 and not (fg & bg).any()
+
+
 def test_select_pixels_per_case_pools_the_positive_slices_of_a_case():
     """One quantile over a case's positive slices: a slice through a large target gives more foreground
     than one through its edge; negative slices and other cases do not move the threshold."""

@@ -6,7 +6,9 @@ gradient (``fused``), or in one of them (``cam`` / ``mg``), on positive slices o
 in none of the maps used, inside the body, on positive slices; on negative slices the whole body is
 background. The background's activation rule may be looser than the foreground's (``background:
 otsu`` with a top-quantile foreground): the pixels between the two thresholds, where the maps are
-unsure, are then left out of both sets. The foreground's threshold is per slice, or per case
+unsure, are then left out of both sets. With ``margin: m`` the background also keeps m pixels away from every
+pixel a map activates (a square neighbourhood): the maps' activations cover the target's confident core,
+and the tissue just beyond them is as likely its unsure rim as the healthy body. The foreground's threshold is per slice, or per case
 (``scope: case``: over the body pixels of all positive slices of the case, so a slice through a large
 tumour gives more foreground than one through its tip). Pixels outside the body are never selected: body versus air is
 trivially separable and segmentation clusters inside the body only, so air pixels would only teach the
@@ -22,6 +24,7 @@ from typing import Any, Container, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from skimage.filters import threshold_otsu
 
 from cldf.registry import SELECTION_MAPS as MODE_MAPS
@@ -92,6 +95,7 @@ def select_pixels(
     quantile: float | None = None,
     background: str = "foreground",
     cases: np.ndarray | None = None,
+    margin: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Foreground and background training pixels of a batch of slices.
 
@@ -114,6 +118,9 @@ def select_pixels(
         int (B,) case of each slice: the foreground threshold is then one per case, over the body pixels
         of the case's positive slices in the batch (pass all of them); None: per slice. The background's
         ``otsu`` rule stays per slice.
+    margin
+        Pixels of a positive slice within ``margin`` (Chebyshev distance) of a pixel activated in any
+        used map, or of a foreground pixel, are not background; 0: only those pixels themselves.
 
     Returns
     -------
@@ -128,6 +135,8 @@ def select_pixels(
         raise ValueError(f"selection mode {mode!r} needs the map(s) it uses; got None")
     if background not in BACKGROUND_RULES:
         raise ValueError(f"unknown background rule {background!r}; expected one of {BACKGROUND_RULES}")
+    if int(margin) != margin or margin < 0:
+        raise ValueError(f"background margin must be a whole number of pixels >= 0, got {margin}")
     groups = None
     if cases is not None:  # positive slices pool per case; every other slice stays on its own
         cases = np.asarray(cases)
@@ -137,12 +146,20 @@ def select_pixels(
     same = background == "foreground" or (background == rule and groups is None)  # the same activations
     loose = acts if same else [activated(m, body, background) for m in used]
     in_all = torch.stack(acts).all(dim=0)
-    in_any = torch.stack(loose).any(dim=0)
+    near = _dilate(torch.stack(loose).any(dim=0) | in_all, int(margin))
     positive = (labels == 1).view(-1, 1, 1).to(body.device)
     negative = (labels == 0).view(-1, 1, 1).to(body.device)
     fg = in_all & positive
-    bg = body & ((positive & ~in_any) | negative)
+    bg = body & ((positive & ~near) | negative)
     return fg, bg
+
+
+def _dilate(masks: torch.Tensor, margin: int) -> torch.Tensor:
+    """bool (B, H, W) grown by ``margin`` pixels in every direction (a (2m+1)² square); 0: unchanged."""
+    if margin == 0:
+        return masks
+    grown = F.max_pool2d(masks[:, None].float(), 2 * margin + 1, stride=1, padding=margin)
+    return grown[:, 0] > 0
 
 
 def anchor_weights(cam: torch.Tensor | None, mg: torch.Tensor | None, labels: torch.Tensor, fg: torch.Tensor,
@@ -185,7 +202,7 @@ def select_stored(slices: SliceStore, cam: MapStore | None, mg: MapStore | None,
                   settings: Mapping[str, Any], done: Container[int] = ()
                   ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`select_pixels` on the stored maps of slices ``ids`` under CLDF's selection ``settings``
-    (``mode``, ``threshold``, ``quantile``, ``background``, ``scope``, ``weight``).
+    (``mode``, ``threshold``, ``quantile``, ``background``, ``margin``, ``scope``, ``weight``).
 
     Returns ``(rows int64 (M,), fg (M, H, W), bg (M, H, W), weights)``; ``weights`` are the anchor weights
     float32 (M, H, W) of :func:`anchor_weights` under ``weight: confidence``, else None. ``rows`` are ``ids``; under ``scope: case``
@@ -209,6 +226,7 @@ def select_stored(slices: SliceStore, cam: MapStore | None, mg: MapStore | None,
         cam_maps, mg_maps, labels, torch.from_numpy(slices.body(rows)),
         mode=settings["mode"], rule=settings["threshold"], quantile=settings.get("quantile"),
         background=settings.get("background", "foreground"), cases=slices.case_index[rows] if per_case else None,
+        margin=int(settings.get("margin", 0)),
     )
     weights = anchor_weights(cam_maps, mg_maps, labels, fg, bg, settings["mode"]) if weight == "confidence" else None
     return rows, fg, bg, weights
