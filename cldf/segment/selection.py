@@ -6,9 +6,10 @@ gradient (``fused``), or in one of them (``cam`` / ``mg``), on positive slices o
 in none of the maps used, inside the body, on positive slices; on negative slices the whole body is
 background. The background's activation rule may be looser than the foreground's (``background:
 otsu`` with a top-quantile foreground): the pixels between the two thresholds, where the maps are
-unsure, are then left out of both sets. With ``margin: m`` the background also keeps m pixels away from every
-pixel a map activates (a square neighbourhood): the maps' activations cover the target's confident core,
-and the tissue just beyond them is as likely its unsure rim as the healthy body. The foreground's threshold is per slice, or per case
+unsure, are then left out of both sets, and a foreground pixel is never background, whatever the two
+rules. With ``margin: m`` the background also keeps m pixels away from every pixel a map activates (a
+square neighbourhood): the maps' activations cover the target's confident core, and the tissue just
+beyond them is as likely its unsure rim as the healthy body. The foreground's threshold is per slice, or per case
 (``scope: case``: over the body pixels of all positive slices of the case, so a slice through a large
 tumour gives more foreground than one through its tip). Pixels outside the body are never selected: body versus air is
 trivially separable and segmentation clusters inside the body only, so air pixels would only teach the
