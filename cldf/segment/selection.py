@@ -227,7 +227,7 @@ def select_stored(slices: SliceStore, cam: MapStore | None, mg: MapStore | None,
         cam_maps, mg_maps, labels, torch.from_numpy(slices.body(rows)),
         mode=settings["mode"], rule=settings["threshold"], quantile=settings.get("quantile"),
         background=settings.get("background", "foreground"), cases=slices.case_index[rows] if per_case else None,
-        margin=int(settings.get("margin", 0)),
+        margin=settings.get("margin", 0),
     )
     weights = anchor_weights(cam_maps, mg_maps, labels, fg, bg, settings["mode"]) if weight == "confidence" else None
     return rows, fg, bg, weights
